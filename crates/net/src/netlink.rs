@@ -1,0 +1,466 @@
+//! Links, addresses, routes and neighbours over rtnetlink.
+//!
+//! A `Netlink` is bound to the namespace its socket was opened in: `connect_in` opens the socket on
+//! a throwaway thread inside the target namespace and hands it back, so the caller never changes
+//! namespace itself. All methods need a tokio runtime (current-thread is enough).
+
+use crate::{Error, Netns};
+use futures::TryStreamExt;
+use ipnet::{IpNet, Ipv4Net};
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{
+    InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope,
+};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+/// What Weft needs to know about a network interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// The rtnetlink kind: "veth", "bridge", "vxlan", …; None for physical and loopback devices.
+    pub kind: Option<String>,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    pub alias: Option<String>,
+    /// The bridge (or bond) this link is a port of.
+    pub controller: Option<u32>,
+    pub up: bool,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Link {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            kind: None,
+            mac: None,
+            mtu: 0,
+            alias: None,
+            controller: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Address(a) if a.len() == 6 => {
+                    link.mac = Some(a[..].try_into().expect("length checked"))
+                }
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(k) = info {
+                            link.kind = Some(k.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// A veth pair whose peer is created directly inside another namespace, under its final name, in
+/// one request: no temporary name, no move, no rename.
+pub struct VethSpec<'a> {
+    pub name: &'a str,
+    pub mac: Option<[u8; 6]>,
+    pub alias: Option<&'a str>,
+    pub controller: Option<u32>,
+    pub peer_name: &'a str,
+    pub peer_mac: Option<[u8; 6]>,
+    pub peer_netns: &'a Netns,
+    pub mtu: Option<u32>,
+}
+
+/// An IPv4 route as Weft installs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    /// Link scope: a directly connected destination (the /32 to a pod over its veth).
+    pub scope_link: bool,
+    pub onlink: bool,
+    pub protocol: u8,
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// A connection in the caller's current namespace.
+    pub fn connect() -> Result<Netlink, Error> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| Error::io("opening a netlink socket", e))?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// A connection whose socket lives in `ns`. Must be called inside a tokio runtime.
+    pub fn connect_in(ns: &Netns) -> Result<Netlink, Error> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle, _) = ns
+            .run(|| {
+                // The socket registers with the runtime's reactor when it is made.
+                let _guard = rt.enter();
+                rtnetlink::new_connection()
+            })?
+            .map_err(|e| {
+                Error::io(
+                    format!("opening a netlink socket in {}", ns.path().display()),
+                    e,
+                )
+            })?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, Error> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
+            Err(e) => {
+                let e = Error::netlink(format!("looking up link {name}"), e);
+                if e.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, Error> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("listing links", e))?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// Creates an up bridge with a fixed MAC. A fixed MAC matters: otherwise the bridge takes the
+    /// lowest port MAC, which changes as pods come and go and breaks the pods' ARP entry for the
+    /// gateway. Returns false if the bridge already existed.
+    pub async fn add_bridge(&self, name: &str, mac: [u8; 6]) -> Result<bool, Error> {
+        let msg = LinkBridge::new(name).address(mac.to_vec()).up().build();
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::netlink(format!("creating bridge {name}"), e);
+                if e.is_exists() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn add_veth(&self, spec: &VethSpec<'_>) -> Result<(), Error> {
+        let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(spec.peer_name.to_string())
+            .setns_by_fd(spec.peer_netns.fd().as_raw_fd());
+        if let Some(mac) = spec.peer_mac {
+            peer = peer.address(mac.to_vec());
+        }
+        if let Some(mtu) = spec.mtu {
+            peer = peer.mtu(mtu);
+        }
+        let mut b = LinkVeth::new(spec.name, spec.peer_name)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .up();
+        if let Some(mac) = spec.mac {
+            b = b.address(mac.to_vec());
+        }
+        if let Some(mtu) = spec.mtu {
+            b = b.mtu(mtu);
+        }
+        if let Some(alias) = spec.alias {
+            b = b.alias(alias);
+        }
+        if let Some(c) = spec.controller {
+            b = b.controller(c);
+        }
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(|e| {
+                Error::netlink(
+                    format!(
+                        "creating veth {} with peer {} in {}",
+                        spec.name,
+                        spec.peer_name,
+                        spec.peer_netns.path().display()
+                    ),
+                    e,
+                )
+            })
+    }
+
+    pub async fn set_up(&self, index: u32, name: &str) -> Result<(), Error> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("setting {name} up"), e))
+    }
+
+    /// Lets a frame leave a bridge port it came in on: a pod reaching itself through a service
+    /// address is DNATed back out of its own port.
+    pub async fn set_hairpin(&self, index: u32, name: &str, on: bool) -> Result<(), Error> {
+        let msg = LinkBridgePort::new(index).hairpin(on).build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("setting hairpin on bridge port {name}"), e))
+    }
+
+    /// Deletes a link; returns false if there was none by that name.
+    pub async fn del_link(&self, name: &str) -> Result<bool, Error> {
+        let msg = LinkUnspec::new_with_name(name).build();
+        match self.handle.link().del_with_message(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::netlink(format!("deleting link {name}"), e);
+                if e.is_not_found() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Adds an address; an address already there is success (returns false).
+    pub async fn add_address(&self, index: u32, name: &str, addr: IpNet) -> Result<bool, Error> {
+        match self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::netlink(format!("adding address {addr} to {name}"), e);
+                if e.is_exists() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("listing addresses", e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    if let Ok(net) = IpNet::new(*ip, m.header.prefix_len) {
+                        out.push(net);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Installs a route, replacing one to the same destination.
+    pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), Error> {
+        let mut b = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.dst.addr(), r.dst.prefix_len())
+            .protocol(RouteProtocol::from(r.protocol));
+        if let Some(gw) = r.gateway {
+            b = b.gateway(gw);
+        }
+        if let Some(oif) = r.oif {
+            b = b.output_interface(oif);
+        }
+        if r.scope_link {
+            b = b.scope(RouteScope::Link);
+        }
+        if r.onlink {
+            b = b.onlink();
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("adding route {}", describe(r)), e))
+    }
+
+    /// IPv4 routes of the main table.
+    pub async fn routes(&self) -> Result<Vec<RouteSpec>, Error> {
+        let req = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(req)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("listing routes", e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.table == 254)
+            .map(route_from_message)
+            .collect())
+    }
+
+    /// Deletes a route; one that is not there is success.
+    pub async fn del_route(&self, r: &RouteSpec) -> Result<(), Error> {
+        let mut b = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.dst.addr(), r.dst.prefix_len())
+            .protocol(RouteProtocol::from(r.protocol));
+        if let Some(oif) = r.oif {
+            b = b.output_interface(oif);
+        }
+        if r.scope_link {
+            b = b.scope(RouteScope::Link);
+        }
+        match self.handle.route().del(b.build()).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = Error::netlink(format!("deleting route {}", describe(r)), e);
+                if e.errno() == Some(libc::ESRCH) || e.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// A permanent neighbour entry (IP → MAC) on `index`, replacing any other.
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: IpAddr,
+        mac: [u8; 6],
+    ) -> Result<(), Error> {
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                Error::netlink(
+                    format!("adding neighbour {ip} lladdr {}", crate::format_mac(&mac)),
+                    e,
+                )
+            })
+    }
+
+    /// Permanent neighbour entries (IP, MAC) on `index`.
+    pub async fn permanent_neighbours(&self, index: u32) -> Result<Vec<(IpAddr, [u8; 6])>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("listing neighbours", e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.ifindex != index || m.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        ip = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                        mac = Some(<[u8; 6]>::try_from(&l[..]).expect("length checked"))
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((ip, mac));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn route_from_message(m: &RouteMessage) -> RouteSpec {
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    RouteSpec {
+        dst: Ipv4Net::new(dst, m.header.destination_prefix_length)
+            .unwrap_or_else(|_| Ipv4Net::default()),
+        gateway,
+        oif,
+        scope_link: m.header.scope == RouteScope::Link,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+        protocol: m.header.protocol.into(),
+    }
+}
+
+fn describe(r: &RouteSpec) -> String {
+    let mut s = r.dst.to_string();
+    if let Some(gw) = r.gateway {
+        s.push_str(&format!(" via {gw}"));
+    }
+    if let Some(oif) = r.oif {
+        s.push_str(&format!(" dev #{oif}"));
+    }
+    if r.onlink {
+        s.push_str(" onlink");
+    }
+    s
+}

@@ -1,0 +1,379 @@
+//! The CNI commands of `weft`: ADD, DEL, CHECK, GC and STATUS (VERSION is answered in `run`).
+
+use crate::config::{Mode, WeftConf};
+use crate::{names, wiring};
+use serde_json::Value;
+use std::net::{IpAddr, Ipv4Addr};
+use weft_cni::conf::NetConf;
+use weft_cni::env::{Command, Env};
+use weft_cni::error::{code, CniError};
+use weft_cni::result::{CniResult, Interface, IpConfig, Route};
+use weft_ipam::{Attachment, Pool, Request, Store};
+use weft_net::{Netlink, Netns};
+
+/// Runs one plugin invocation; `Some(json)` is printed on stdout.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    if env.command == Command::Version {
+        let v = serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
+            .unwrap_or_else(|| weft_cni::LATEST_VERSION.to_string());
+        return Ok(Some(weft_cni::version::version_info(&v)));
+    }
+    let conf = weft_cni::conf::parse_conf(stdin)?;
+    let wc = WeftConf::from_extra(&conf.name, &conf.extra)?;
+    match env.command {
+        Command::Add => add(env, &conf, &wc).map(Some),
+        Command::Del => del(env, &wc).map(|()| None),
+        Command::Check => check(env, &conf, &wc).map(|()| None),
+        Command::Gc => gc(&conf, &wc).map(|()| None),
+        Command::Status => status(&wc).map(|()| None),
+        Command::Version => unreachable!("answered above"),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::new(code::INTERNAL, format!("starting the I/O runtime: {e}")))
+}
+
+fn kernel(e: weft_net::Error) -> CniError {
+    CniError::new(code::KERNEL, e.to_string())
+}
+
+/// Where a requested fixed address came from, so an error can name the field.
+#[derive(Clone, Copy)]
+enum FixedSource {
+    CniArgs,
+    RuntimeConfig,
+}
+
+fn ipam_error(e: weft_ipam::Error, fixed: Option<FixedSource>) -> CniError {
+    use weft_ipam::Error as E;
+    let field = match fixed {
+        Some(FixedSource::CniArgs) => "CNI_ARGS IP",
+        Some(FixedSource::RuntimeConfig) => "runtimeConfig.ips",
+        None => "",
+    };
+    match e {
+        E::Exhausted { .. } => CniError::new(code::IPAM_EXHAUSTED, e.to_string()),
+        E::AddressInUse { .. } | E::AlreadyHolds { .. } => {
+            CniError::new(code::ADDRESS_IN_USE, format!("{field}: {e}"))
+        }
+        E::OutsideSubnet { .. } | E::ReservedAddress { .. } => match fixed {
+            Some(FixedSource::CniArgs) => CniError::new(code::INVALID_ENV, format!("{field}: {e}")),
+            _ => CniError::new(code::INVALID_CONFIG, format!("{field}: {e}")),
+        },
+        E::SubnetTooSmall { .. } | E::InvalidGateway { .. } | E::InvalidNetworkName { .. } => {
+            CniError::new(code::INVALID_CONFIG, e.to_string())
+        }
+        E::InvalidAttachment { .. } => CniError::new(code::INVALID_ENV, e.to_string()),
+        E::Io { .. } | E::Corrupt { .. } => CniError::new(code::IO, e.to_string()),
+    }
+}
+
+/// The fixed address asked for, if any: CNI_ARGS `IP=` or the `ips` capability.
+fn fixed_ip(env: &Env, conf: &NetConf) -> Result<Option<(Ipv4Addr, FixedSource)>, CniError> {
+    if let Some(ip) = env.arg("IP") {
+        let parsed = ip.parse::<Ipv4Addr>().map_err(|_| {
+            CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_ARGS IP={ip:?} is not an IPv4 address"),
+            )
+        })?;
+        return Ok(Some((parsed, FixedSource::CniArgs)));
+    }
+    let mut v4 = Vec::new();
+    for s in &conf.runtime_config.ips {
+        let addr = s.split('/').next().unwrap_or("");
+        match addr.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => v4.push(a),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("runtimeConfig.ips: {s:?} is not an IP address"),
+                ))
+            }
+        }
+    }
+    match v4.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some((*one, FixedSource::RuntimeConfig))),
+        _ => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("runtimeConfig.ips: weft assigns one IPv4 address per interface, got {v4:?}"),
+        )),
+    }
+}
+
+fn attachment(env: &Env) -> Result<Attachment, CniError> {
+    Ok(Attachment {
+        container_id: env.container_id()?.to_string(),
+        ifname: env.ifname()?.to_string(),
+    })
+}
+
+fn open_netns(env: &Env) -> Result<Netns, CniError> {
+    let path = env.netns()?;
+    Netns::open(path).map_err(|e| {
+        CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {}: {e}", path.display()),
+        )
+    })
+}
+
+fn store(wc: &WeftConf) -> Result<Store, CniError> {
+    Store::open(&wc.data_dir, &wc.name).map_err(|e| ipam_error(e, None))
+}
+
+fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
+    let att = attachment(env)?;
+    let pod_ns = open_netns(env)?;
+    let net = wc.network()?;
+    let pool = Pool::new(net.subnet, net.gateway).map_err(|e| ipam_error(e, None))?;
+    let fixed = fixed_ip(env, conf)?;
+    let store = store(wc)?;
+    let alloc = store
+        .allocate(
+            &pool,
+            &Request {
+                attachment: &att,
+                fixed: fixed.map(|f| f.0),
+                pod_namespace: env.arg("K8S_POD_NAMESPACE"),
+                pod_name: env.arg("K8S_POD_NAME"),
+            },
+        )
+        .map_err(|e| ipam_error(e, fixed.map(|f| f.1)))?;
+    let id = wiring::PodIdentity {
+        network: &wc.name,
+        container_id: &att.container_id,
+        ifname: &att.ifname,
+    };
+    let plan = wiring::plan(
+        &id,
+        net.mode,
+        net.subnet,
+        pool.gateway,
+        alloc.ip,
+        net.mtu,
+        &wc.bridge,
+        wc.hairpin,
+    );
+
+    let rt = runtime()?;
+    let wired = rt.block_on(async {
+        let host = Netlink::connect()?;
+        let result = async {
+            let pod = Netlink::connect_in(&pod_ns)?;
+            wiring::apply(&plan, &host, &pod, &pod_ns).await
+        }
+        .await;
+        if result.is_err() {
+            // Roll back: the veth takes the pod end, its routes and sysctls with it.
+            let _ = host.del_link(&plan.host_veth).await;
+        }
+        result
+    });
+    let host_mac = match wired {
+        Ok(mac) => mac,
+        Err(e) => {
+            if !alloc.reused {
+                let _ = store.release(&att);
+            }
+            return Err(kernel(e));
+        }
+    };
+
+    let result = CniResult {
+        interfaces: vec![
+            Interface {
+                name: plan.host_veth.clone(),
+                mac: host_mac.map(|m| weft_net::format_mac(&m)),
+                mtu: Some(plan.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: plan.ifname.clone(),
+                mac: Some(weft_net::format_mac(&plan.pod_mac)),
+                mtu: Some(plan.mtu),
+                sandbox: Some(pod_ns.path().display().to_string()),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: plan.address.into(),
+            gateway: Some(plan.gateway.into()),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: "0.0.0.0/0".parse().expect("literal"),
+            gw: Some(plan.gateway.into()),
+            mtu: None,
+            scope: None,
+        }],
+        dns: conf.dns.clone(),
+    };
+    Ok(result.to_json(&conf.cni_version))
+}
+
+fn del(env: &Env, wc: &WeftConf) -> Result<(), CniError> {
+    let att = attachment(env)?;
+    // The link goes first: if that fails the address stays held and the runtime's retry of DEL
+    // finds it, instead of the address going to a new pod while the old one still has it.
+    runtime()?
+        .block_on(async {
+            let host = Netlink::connect()?;
+            host.del_link(&names::host_veth(&att.container_id, &att.ifname))
+                .await
+        })
+        .map_err(kernel)?;
+    store(wc)?.release(&att).map_err(|e| ipam_error(e, None))?;
+    Ok(())
+}
+
+fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
+    let att = attachment(env)?;
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "prevResult: CHECK needs the result of ADD",
+        )
+    })?;
+    let prev = CniResult::from_json(prev)?;
+    let ipc = prev
+        .ips
+        .iter()
+        .find(|c| c.address.addr().is_ipv4())
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "prevResult.ips: no IPv4 address"))?;
+    let ipnet::IpNet::V4(addr) = ipc.address else {
+        unreachable!("filtered to IPv4")
+    };
+    let failed = |m: String| CniError::new(code::CHECK_FAILED, m);
+    match store(wc)?.get(&att).map_err(|e| ipam_error(e, None))? {
+        None => return Err(failed(format!("IPAM has no address for {att}"))),
+        Some(r) if r.ip != addr.addr() => {
+            return Err(failed(format!(
+                "IPAM holds {} for {att} but prevResult says {}",
+                r.ip,
+                addr.addr()
+            )))
+        }
+        Some(_) => {}
+    }
+    let pod_ns = open_netns(env)?;
+    let net = wc.network()?;
+    let gateway = match ipc.gateway {
+        Some(IpAddr::V4(g)) => g,
+        _ => {
+            Pool::new(net.subnet, net.gateway)
+                .map_err(|e| ipam_error(e, None))?
+                .gateway
+        }
+    };
+    let mode = if addr.prefix_len() == 32 {
+        Mode::Routed
+    } else {
+        net.mode
+    };
+    let id = wiring::PodIdentity {
+        network: &wc.name,
+        container_id: &att.container_id,
+        ifname: &att.ifname,
+    };
+    let bridge_gateway = if mode == Mode::Routed {
+        Pool::new(net.subnet, net.gateway)
+            .map_err(|e| ipam_error(e, None))?
+            .gateway
+    } else {
+        gateway
+    };
+    let plan = wiring::plan(
+        &id,
+        mode,
+        if mode == Mode::Routed {
+            net.subnet
+        } else {
+            addr.trunc()
+        },
+        bridge_gateway,
+        addr.addr(),
+        net.mtu,
+        &wc.bridge,
+        wc.hairpin,
+    );
+    let problems = runtime()?
+        .block_on(async {
+            let host = Netlink::connect()?;
+            let pod = Netlink::connect_in(&pod_ns)?;
+            wiring::verify(&plan, &host, &pod).await
+        })
+        .map_err(kernel)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(failed(problems.join("; ")))
+    }
+}
+
+fn gc(conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "cni.dev/valid-attachments: GC needs the list of attachments to keep",
+        )
+    })?;
+    let valid: Vec<Attachment> = valid
+        .iter()
+        .map(|a| Attachment {
+            container_id: a.container_id.clone(),
+            ifname: a.ifname.clone(),
+        })
+        .collect();
+    let store = store(wc)?;
+    let stale: Vec<Attachment> = store
+        .list()
+        .map_err(|e| ipam_error(e, None))?
+        .iter()
+        .map(|r| r.attachment())
+        .filter(|a| !valid.contains(a))
+        .collect();
+    runtime()?
+        .block_on(async {
+            let host = Netlink::connect()?;
+            for a in &stale {
+                host.del_link(&names::host_veth(&a.container_id, &a.ifname))
+                    .await?;
+            }
+            // Veths of this network without an address record (an ADD that died between the
+            // two) are found by their alias.
+            for link in host.links().await? {
+                let Some((network, cid, ifname)) =
+                    link.alias.as_deref().and_then(names::parse_veth_alias)
+                else {
+                    continue;
+                };
+                let keep = valid
+                    .iter()
+                    .any(|a| a.container_id == cid && a.ifname == ifname);
+                if network == wc.name && !keep {
+                    host.del_link(&link.name).await?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(kernel)?;
+    store.gc(&valid).map_err(|e| ipam_error(e, None))?;
+    Ok(())
+}
+
+fn status(wc: &WeftConf) -> Result<(), CniError> {
+    let unavailable = |e: CniError| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg);
+    let net = wc.network().map_err(unavailable)?;
+    Pool::new(net.subnet, net.gateway).map_err(|e| unavailable(ipam_error(e, None)))?;
+    store(wc)
+        .and_then(|s| s.check_writable().map_err(|e| ipam_error(e, None)))
+        .map_err(unavailable)
+}
