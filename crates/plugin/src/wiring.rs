@@ -174,6 +174,7 @@ pub async fn apply(
         mtu: Some(p.mtu),
     })
     .await?;
+    fault_point("after-veth")?;
     let hv = host
         .link(&p.host_veth)
         .await?
@@ -207,6 +208,7 @@ pub async fn apply(
     pod.add_address(pl.index, &p.ifname, p.address.into())
         .await?;
     pod.set_up(pl.index, &p.ifname).await?;
+    fault_point("after-pod-address")?;
     for (ip, mac) in &p.pod_neighbours {
         pod.replace_neighbour(pl.index, IpAddr::V4(*ip), *mac)
             .await?;
@@ -219,6 +221,18 @@ pub async fn apply(
         .await?;
     }
     Ok(hv.mac)
+}
+
+/// Test builds fail here on request (`WEFT_FAULT=<point>`), so the tests can prove that a
+/// failure half way through ADD leaves nothing behind. Release builds have no such hook.
+fn fault_point(point: &str) -> Result<()> {
+    if cfg!(debug_assertions) && std::env::var("WEFT_FAULT").is_ok_and(|f| f == point) {
+        return Err(weft_net::Error::Io {
+            op: format!("fault injected at {point}"),
+            source: std::io::Error::other("WEFT_FAULT"),
+        });
+    }
+    Ok(())
 }
 
 /// What CHECK found wrong, in words an operator can act on; empty means the pod is wired as

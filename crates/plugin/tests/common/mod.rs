@@ -147,6 +147,7 @@ impl Node {
                 PathBuf::from("/usr/lib/cni"),
             ],
             host_netns: Some(host.path()),
+            env: Vec::new(),
         };
         Node { host, dir, invoker }
     }
