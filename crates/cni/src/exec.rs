@@ -613,6 +613,7 @@ mod tests {
             Invoker {
                 plugin_dirs: vec![self.0.join("missing"), self.0.clone()],
                 host_netns: None,
+                env: vec![("WEFT_TEST_EXTRA".into(), "passed".into())],
             }
         }
 
@@ -638,8 +639,8 @@ mod tests {
         p.add(
             "echo",
             r#"input=$(cat)
-printf '{"command":"%s","id":"%s","netns":"%s","ifname":"%s","args":"%s","path":"%s","home":"%s","input":%s}' \
-  "$CNI_COMMAND" "$CNI_CONTAINERID" "$CNI_NETNS" "$CNI_IFNAME" "$CNI_ARGS" "$CNI_PATH" "${HOME-unset}" "$input""#,
+printf '{"command":"%s","id":"%s","netns":"%s","ifname":"%s","args":"%s","path":"%s","home":"%s","extra":"%s","input":%s}' \
+  "$CNI_COMMAND" "$CNI_CONTAINERID" "$CNI_NETNS" "$CNI_IFNAME" "$CNI_ARGS" "$CNI_PATH" "${HOME-unset}" "$WEFT_TEST_EXTRA" "$input""#,
         );
         let inv = p.invoker();
         let out = inv
@@ -656,6 +657,7 @@ printf '{"command":"%s","id":"%s","netns":"%s","ifname":"%s","args":"%s","path":
                 "args": "K8S_POD_NAME=web-0;IgnoreUnknown=1",
                 "path": format!("{}/missing:{}", p.0.display(), p.0.display()),
                 "home": "unset",
+                "extra": "passed",
                 "input": {"cniVersion": "1.1.0"}
             })
         );

@@ -1,7 +1,7 @@
 //! The CNI commands of `weft`: ADD, DEL, CHECK, GC and STATUS (VERSION is answered in `run`).
 
 use crate::config::{Mode, WeftConf};
-use crate::{names, wiring};
+use crate::{names, reap, wiring};
 use serde_json::Value;
 use std::net::{IpAddr, Ipv4Addr};
 use weft_cni::conf::NetConf;
@@ -221,16 +221,29 @@ fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
 
 fn del(env: &Env, wc: &WeftConf) -> Result<(), CniError> {
     let att = attachment(env)?;
-    // The link goes first: if that fails the address stays held and the runtime's retry of DEL
-    // finds it, instead of the address going to a new pod while the old one still has it.
-    runtime()?
+    let name = names::host_veth(&att.container_id, &att.ifname);
+    let rt = runtime()?;
+    // Cut the pod off before its address is released, so the address can never be live in two
+    // pods at once; then hand the slow deletion to the reaper (see `reap`).
+    let host = rt
         .block_on(async {
             let host = Netlink::connect()?;
-            host.del_link(&names::host_veth(&att.container_id, &att.ifname))
-                .await
+            let index = match host.link(&name).await? {
+                Some(l) => {
+                    host.set_down(l.index, &name).await?;
+                    Some(l.index)
+                }
+                None => None,
+            };
+            Ok((host, index))
         })
         .map_err(kernel)?;
     store(wc)?.release(&att).map_err(|e| ipam_error(e, None))?;
+    if let (netlink, Some(index)) = host {
+        if reap::spawn(index, &name).is_err() {
+            rt.block_on(netlink.del_link_index(index)).map_err(kernel)?;
+        }
+    }
     Ok(())
 }
 

@@ -4,5 +4,6 @@
 pub mod commands;
 pub mod config;
 pub mod names;
+pub mod reap;
 pub mod subnet_env;
 pub mod wiring;

@@ -4,6 +4,10 @@
 use std::io::{Read, Write};
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(weft_plugin::reap::ARG) {
+        std::process::exit(weft_plugin::reap::run(&args[1..]));
+    }
     let mut stdin = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut stdin);
     let outcome =

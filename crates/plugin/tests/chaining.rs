@@ -94,7 +94,7 @@ fn weft_portmap_tuning_conflist() {
     node.invoker
         .del_list(&list, &rc, Some(&result))
         .expect("conflist DEL");
-    assert_eq!(node.weft_veths(), Vec::<String>::new());
+    node.wait_no_veths();
     assert_eq!(node.ipam_records(), Vec::<String>::new());
     assert!(
         tcp_probe(&client, via_port).is_err(),

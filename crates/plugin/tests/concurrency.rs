@@ -64,5 +64,5 @@ fn sixty_four_parallel_adds_and_dels() {
         d.as_ref().unwrap_or_else(|e| panic!("DEL par{i}: {e}"));
     }
     assert_eq!(node.ipam_records(), Vec::<String>::new());
-    assert_eq!(node.weft_veths(), Vec::<String>::new());
+    node.wait_no_veths();
 }

@@ -216,7 +216,7 @@ fn failed_add_rolls_back() {
     let e = node.add(&conf, &pod, "rb").unwrap_err();
     assert_eq!(e.code, code::KERNEL, "{e}");
     assert!(e.msg.contains("eth0"), "names the interface: {e}");
-    assert_eq!(node.weft_veths(), Vec::<String>::new());
+    node.wait_no_veths();
     assert_eq!(node.ipam_records(), Vec::<String>::new());
     pod.ip(&["link", "del", "eth0"]);
 }
@@ -259,4 +259,23 @@ fn a_bridge_name_taken_by_another_device_is_refused() {
         "{e}"
     );
     assert_eq!(node.ipam_records(), Vec::<String>::new());
+}
+
+#[test]
+fn readd_right_after_del_survives_the_reaper() {
+    // DEL leaves the veth's deletion to a detached reaper; a re-ADD of the same attachment makes
+    // a veth with the same name at once, which the reaper must not take (it deletes by index).
+    let node = Node::new("reap-host");
+    let conf = node.conf("bridge", "10.244.12.0/24");
+    let pod = Ns::new("reap-pod");
+    for _ in 0..10 {
+        node.add(&conf, &pod, "reap").unwrap();
+        node.del(&conf, &pod, "reap").unwrap();
+    }
+    let r = node.add(&conf, &pod, "reap").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let hv = r["interfaces"][0]["name"].as_str().unwrap();
+    assert_eq!(node.weft_veths(), vec![hv.to_string()]);
+    let resp = Responder::start(&pod, result_ip(&r), 80, "survivor");
+    assert_eq!(tcp_probe(&node.host, resp.addr).unwrap(), "survivor");
 }

@@ -89,7 +89,7 @@ fn wire_three_and_talk(mode: &str) {
         node.del(&conf, pod, &format!("c{i}")).unwrap();
         node.del(&conf, pod, &format!("c{i}")).unwrap();
     }
-    assert_eq!(node.weft_veths(), Vec::<String>::new());
+    node.wait_no_veths();
     assert_eq!(node.ipam_records(), Vec::<String>::new());
     for pod in &pods {
         assert!(

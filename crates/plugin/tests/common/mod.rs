@@ -201,6 +201,12 @@ impl Node {
             .collect()
     }
 
+    /// Waits (at most 3 s) for the host veths to be gone: DEL leaves their deletion to the
+    /// plugin's detached reaper, which finishes within milliseconds.
+    pub fn wait_no_veths(&self) {
+        wait_for("weft veths to be deleted", || self.weft_veths().is_empty());
+    }
+
     /// Allocation record files left in the IPAM directory of network "weft".
     pub fn ipam_records(&self) -> Vec<String> {
         let dir = self.data_dir().join("weft");
@@ -295,4 +301,16 @@ pub fn tcp_probe(ns: &Ns, addr: SocketAddr) -> std::io::Result<String> {
     let mut s = String::new();
     stream.read_to_string(&mut s)?;
     Ok(s)
+}
+
+/// Polls `cond` every 10 ms for at most 3 s; panics naming `what` if it never holds.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
