@@ -1,5 +1,5 @@
 //! `weft` inside a conflist with the reference plugins (Debian containernetworking-plugins):
-//! weft → portmap → tuning. The pod is reached through the mapped host port from another host.
+//! weft → portmap → bandwidth → tuning. The pod is reached through the mapped host port from another host.
 
 mod common;
 use common::*;
@@ -10,7 +10,7 @@ use weft_cni::exec::ConfList;
 
 #[test]
 fn weft_portmap_tuning_conflist() {
-    for p in ["portmap", "tuning"] {
+    for p in ["portmap", "bandwidth", "tuning"] {
         assert!(
             Path::new("/usr/lib/cni").join(p).exists(),
             "/usr/lib/cni/{p} is missing: install containernetworking-plugins (scripts/install-deps.sh)"
@@ -56,6 +56,7 @@ fn weft_portmap_tuning_conflist() {
                 "runDir": node.run_dir(),
             },
             {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
+            {"type": "bandwidth", "capabilities": {"bandwidth": true}},
             {"type": "tuning", "sysctl": {"net.core.somaxconn": "512"}},
         ]
     });
@@ -66,9 +67,24 @@ fn weft_portmap_tuning_conflist() {
         "portMappings".into(),
         json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]),
     );
+    rc.capability_args.insert(
+        "bandwidth".into(),
+        json!({"ingressRate": 100_000_000, "ingressBurst": 1_000_000,
+               "egressRate": 100_000_000, "egressBurst": 1_000_000}),
+    );
     let result = node.invoker.add_list(&list, &rc).expect("conflist ADD");
     let ip = result_ip(&result);
     assert_eq!(result["cniVersion"], "1.0.0");
+
+    // bandwidth found weft's host veth in the result and shaped it (tbf towards the pod, an ifb
+    // for traffic from it).
+    let host_veth = result["interfaces"][0]["name"].as_str().unwrap();
+    let qdisc = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.host.name, "tc", "qdisc", "show", "dev", host_veth])
+        .output()
+        .unwrap();
+    let qdisc = String::from_utf8_lossy(&qdisc.stdout);
+    assert!(qdisc.contains("tbf"), "bandwidth shaped {host_veth}: {qdisc}");
 
     // tuning ran inside the pod, after weft made it.
     let somaxconn = pod
