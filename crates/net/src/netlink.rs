@@ -146,6 +146,21 @@ impl Netlink {
         }
     }
 
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, Error> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
+            Err(e) => {
+                let e = Error::netlink(format!("looking up link #{index}"), e);
+                if e.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     pub async fn links(&self) -> Result<Vec<Link>, Error> {
         let msgs: Vec<LinkMessage> = self
             .handle
@@ -329,8 +344,7 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Installs a route, replacing one to the same destination.
-    pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), Error> {
+    fn route_message(r: &RouteSpec) -> RouteMessage {
         let mut b = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(r.dst.addr(), r.dst.prefix_len())
             .protocol(RouteProtocol::from(r.protocol));
@@ -346,13 +360,40 @@ impl Netlink {
         if r.onlink {
             b = b.onlink();
         }
+        b.build()
+    }
+
+    /// Installs a route, replacing one to the same destination.
+    pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), Error> {
         self.handle
             .route()
-            .add(b.build())
+            .add(Self::route_message(r))
             .replace()
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("adding route {}", describe(r)), e))
+    }
+
+    /// Adds a route unless one to the same destination exists (then returns false and leaves
+    /// the existing one alone).
+    pub async fn add_route(&self, r: &RouteSpec) -> Result<bool, Error> {
+        match self
+            .handle
+            .route()
+            .add(Self::route_message(r))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::netlink(format!("adding route {}", describe(r)), e);
+                if e.is_exists() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// IPv4 routes of the main table.

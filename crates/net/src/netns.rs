@@ -51,6 +51,15 @@ impl Netns {
         &self.path
     }
 
+    /// Whether both handles name the same namespace (same nsfs inode).
+    pub fn same_as(&self, other: &Netns) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), other.file.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }

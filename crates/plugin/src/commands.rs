@@ -21,6 +21,25 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         return Ok(Some(weft_cni::version::version_info(&v)));
     }
     let conf = weft_cni::conf::parse_conf(stdin)?;
+    // Commands newer than the conf's version do not exist for it (SPEC: CHECK since 0.4.0,
+    // GC and STATUS since 1.1.0).
+    let since = match env.command {
+        Command::Check => Some("0.4.0"),
+        Command::Gc | Command::Status => Some("1.1.0"),
+        _ => None,
+    };
+    if let Some(since) = since {
+        if weft_cni::version::cmp_versions(&conf.cni_version, since).is_lt() {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!(
+                    "cniVersion: {} has no {}; it exists since {since}",
+                    conf.cni_version,
+                    env.command.as_str()
+                ),
+            ));
+        }
+    }
     let wc = WeftConf::from_extra(&conf.name, &conf.extra)?;
     match env.command {
         Command::Add => add(env, &conf, &wc).map(Some),
@@ -118,16 +137,33 @@ fn attachment(env: &Env) -> Result<Attachment, CniError> {
 
 fn open_netns(env: &Env) -> Result<Netns, CniError> {
     let path = env.netns()?;
-    Netns::open(path).map_err(|e| {
+    let ns = Netns::open(path).map_err(|e| {
         CniError::new(
             code::INVALID_ENV,
             format!("CNI_NETNS {}: {e}", path.display()),
         )
-    })
+    })?;
+    // The plugin runs in the host's namespace: a "pod" there would rewire the node itself.
+    if Netns::current().is_ok_and(|own| own.same_as(&ns)) {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "CNI_NETNS {} is the plugin's own (host) network namespace",
+                path.display()
+            ),
+        ));
+    }
+    Ok(ns)
 }
 
 fn store(wc: &WeftConf) -> Result<Store, CniError> {
-    Store::open(&wc.data_dir, &wc.name).map_err(|e| ipam_error(e, None))
+    Store::open(&wc.data_dir, &wc.name).map_err(|e| {
+        let e = ipam_error(e, None);
+        CniError::new(
+            e.code,
+            format!("dataDir {}: {}", wc.data_dir.display(), e.msg),
+        )
+    })
 }
 
 fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
@@ -136,6 +172,7 @@ fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
     let net = wc.network()?;
     let pool = Pool::new(net.subnet, net.gateway).map_err(|e| ipam_error(e, None))?;
     let fixed = fixed_ip(env, conf)?;
+    let rt = runtime()?;
     let store = store(wc)?;
     let alloc = store
         .allocate(
@@ -164,7 +201,6 @@ fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
         wc.hairpin,
     );
 
-    let rt = runtime()?;
     let wired = rt.block_on(async {
         let host = Netlink::connect()?;
         let result = async {
@@ -178,8 +214,8 @@ fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
         }
         result
     });
-    let host_mac = match wired {
-        Ok(mac) => mac,
+    let applied = match wired {
+        Ok(a) => a,
         Err(e) => {
             if !alloc.reused {
                 let _ = store.release(&att);
@@ -192,7 +228,7 @@ fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
         interfaces: vec![
             Interface {
                 name: plan.host_veth.clone(),
-                mac: host_mac.map(|m| weft_net::format_mac(&m)),
+                mac: applied.host_mac.map(|m| weft_net::format_mac(&m)),
                 mtu: Some(plan.mtu),
                 sandbox: None,
             },
@@ -208,12 +244,16 @@ fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
             gateway: Some(plan.gateway.into()),
             interface: Some(1),
         }],
-        routes: vec![Route {
-            dst: "0.0.0.0/0".parse().expect("literal"),
-            gw: Some(plan.gateway.into()),
-            mtu: None,
-            scope: None,
-        }],
+        routes: applied
+            .pod_routes
+            .iter()
+            .map(|r| Route {
+                dst: r.dst.into(),
+                gw: r.gateway.map(Into::into),
+                mtu: None,
+                scope: None,
+            })
+            .collect(),
         dns: conf.dns.clone(),
     };
     Ok(result.to_json(&conf.cni_version))
@@ -224,14 +264,20 @@ fn del(env: &Env, wc: &WeftConf) -> Result<(), CniError> {
     let name = names::host_veth(&att.container_id, &att.ifname);
     let rt = runtime()?;
     // Cut the pod off before its address is released, so the address can never be live in two
-    // pods at once; then hand the slow deletion to the reaper (see `reap`).
-    let host = rt
+    // pods at once; then hand the slow deletion to the reaper (see `reap`). A veth that vanishes
+    // meanwhile (the runtime deleted the netns, which takes the pair with it) is success.
+    let (host, index) = rt
         .block_on(async {
             let host = Netlink::connect()?;
             let index = match host.link(&name).await? {
-                Some(l) => {
-                    host.set_down(l.index, &name).await?;
-                    Some(l.index)
+                Some(l) if wc.async_delete => match host.set_down(l.index, &name).await {
+                    Ok(()) => Some(l.index),
+                    Err(e) if e.is_not_found() => None,
+                    Err(e) => return Err(e),
+                },
+                Some(_) => {
+                    host.del_link(&name).await?;
+                    None
                 }
                 None => None,
             };
@@ -239,9 +285,9 @@ fn del(env: &Env, wc: &WeftConf) -> Result<(), CniError> {
         })
         .map_err(kernel)?;
     store(wc)?.release(&att).map_err(|e| ipam_error(e, None))?;
-    if let (netlink, Some(index)) = host {
+    if let Some(index) = index {
         if reap::spawn(index, &name).is_err() {
-            rt.block_on(netlink.del_link_index(index)).map_err(kernel)?;
+            rt.block_on(host.del_link_index(index)).map_err(kernel)?;
         }
     }
     Ok(())
@@ -264,6 +310,12 @@ fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
     let ipnet::IpNet::V4(addr) = ipc.address else {
         unreachable!("filtered to IPv4")
     };
+    let Some(IpAddr::V4(gateway)) = ipc.gateway else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("prevResult.ips: {addr} has no IPv4 gateway"),
+        ));
+    };
     let failed = |m: String| CniError::new(code::CHECK_FAILED, m);
     match store(wc)?.get(&att).map_err(|e| ipam_error(e, None))? {
         None => return Err(failed(format!("IPAM has no address for {att}"))),
@@ -277,51 +329,43 @@ fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
         Some(_) => {}
     }
     let pod_ns = open_netns(env)?;
-    let net = wc.network()?;
-    let gateway = match ipc.gateway {
-        Some(IpAddr::V4(g)) => g,
-        _ => {
-            Pool::new(net.subnet, net.gateway)
-                .map_err(|e| ipam_error(e, None))?
-                .gateway
-        }
-    };
+    // Everything comes from prevResult and the IPAM record, not subnet.env: CHECK must not fail
+    // while the agent restarts. A /32 is routed mode's signature.
     let mode = if addr.prefix_len() == 32 {
         Mode::Routed
     } else {
-        net.mode
+        Mode::Bridge
     };
     let id = wiring::PodIdentity {
         network: &wc.name,
         container_id: &att.container_id,
         ifname: &att.ifname,
     };
-    let bridge_gateway = if mode == Mode::Routed {
-        Pool::new(net.subnet, net.gateway)
-            .map_err(|e| ipam_error(e, None))?
-            .gateway
-    } else {
-        gateway
-    };
-    let plan = wiring::plan(
+    let mtu = ipc
+        .interface
+        .and_then(|i| prev.interfaces.get(i))
+        .and_then(|i| i.mtu);
+    let mut plan = wiring::plan(
         &id,
         mode,
-        if mode == Mode::Routed {
-            net.subnet
-        } else {
-            addr.trunc()
-        },
-        bridge_gateway,
+        addr.trunc(),
+        gateway,
         addr.addr(),
-        net.mtu,
+        mtu.unwrap_or(0),
         &wc.bridge,
         wc.hairpin,
     );
+    // Only the routes ADD reported installing are expected.
+    plan.pod_routes.retain(|r| {
+        prev.routes
+            .iter()
+            .any(|pr| pr.dst == ipnet::IpNet::from(r.dst) && pr.gw == r.gateway.map(Into::into))
+    });
     let problems = runtime()?
         .block_on(async {
             let host = Netlink::connect()?;
             let pod = Netlink::connect_in(&pod_ns)?;
-            wiring::verify(&plan, &host, &pod).await
+            wiring::verify(&plan, &host, &pod, mtu).await
         })
         .map_err(kernel)?;
     if problems.is_empty() {
@@ -353,33 +397,55 @@ fn gc(conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
         .map(|r| r.attachment())
         .filter(|a| !valid.contains(a))
         .collect();
-    runtime()?
-        .block_on(async {
-            let host = Netlink::connect()?;
-            for a in &stale {
-                host.del_link(&names::host_veth(&a.container_id, &a.ifname))
-                    .await?;
+    // Teardown keeps going past errors and reports them all at the end (SPEC: GC).
+    let mut errors: Vec<String> = Vec::new();
+    runtime()?.block_on(async {
+        let host = match Netlink::connect() {
+            Ok(h) => h,
+            Err(e) => return errors.push(e.to_string()),
+        };
+        for a in &stale {
+            if let Err(e) = host
+                .del_link(&names::host_veth(&a.container_id, &a.ifname))
+                .await
+            {
+                errors.push(e.to_string());
             }
-            // Veths of this network without an address record (an ADD that died between the
-            // two) are found by their alias.
-            for link in host.links().await? {
-                let Some((network, cid, ifname)) =
-                    link.alias.as_deref().and_then(names::parse_veth_alias)
-                else {
-                    continue;
-                };
-                let keep = valid
-                    .iter()
-                    .any(|a| a.container_id == cid && a.ifname == ifname);
-                if network == wc.name && !keep {
-                    host.del_link(&link.name).await?;
+        }
+        // Veths of this network without an address record (an ADD that died between the two)
+        // are found by their alias.
+        match host.links().await {
+            Err(e) => errors.push(e.to_string()),
+            Ok(links) => {
+                for link in links {
+                    let Some((network, cid, ifname)) =
+                        link.alias.as_deref().and_then(names::parse_veth_alias)
+                    else {
+                        continue;
+                    };
+                    let keep = valid
+                        .iter()
+                        .any(|a| a.container_id == cid && a.ifname == ifname);
+                    if network == wc.name && !keep {
+                        if let Err(e) = host.del_link(&link.name).await {
+                            errors.push(e.to_string());
+                        }
+                    }
                 }
             }
-            Ok(())
-        })
-        .map_err(kernel)?;
-    store.gc(&valid).map_err(|e| ipam_error(e, None))?;
-    Ok(())
+        }
+    });
+    if let Err(e) = store.gc(&valid) {
+        errors.push(ipam_error(e, None).msg);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::KERNEL,
+            format!("GC: {}", errors.join("; ")),
+        ))
+    }
 }
 
 fn status(wc: &WeftConf) -> Result<(), CniError> {

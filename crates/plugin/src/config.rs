@@ -49,6 +49,8 @@ pub struct WeftConf {
     pub mtu: Option<u32>,
     pub bridge: String,
     pub hairpin: bool,
+    /// DEL leaves the veth's deletion to a detached reaper (see `reap`).
+    pub async_delete: bool,
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
 }
@@ -76,11 +78,13 @@ fn string_field<'a>(extra: &'a Map<String, Value>, key: &str) -> Result<Option<&
 
 impl WeftConf {
     pub fn from_extra(name: &str, extra: &Map<String, Value>) -> Result<WeftConf, CniError> {
-        if extra.contains_key("ipam") {
+        if let Some(ipam) = extra.get("ipam") {
             return Err(CniError::new(
                 code::UNSUPPORTED_FIELD,
-                "ipam: weft has built-in IPAM and does not delegate; remove the ipam section \
-                 (set subnet and dataDir on the weft conf instead)",
+                format!(
+                    "ipam: {ipam} given, but weft has built-in IPAM and does not delegate; remove \
+                     the ipam section (set subnet and dataDir on the weft conf instead)"
+                ),
             ));
         }
         let mode = match string_field(extra, "mode")? {
@@ -118,15 +122,15 @@ impl WeftConf {
                 "bridge: {bridge:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
             )));
         }
-        let hairpin = match extra.get("hairpinMode") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
-                return Err(invalid(format!(
-                    "hairpinMode: expected true or false, got {v}"
-                )))
+        let flag = |key: &str| -> Result<bool, CniError> {
+            match extra.get(key) {
+                None | Some(Value::Null) => Ok(true),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(v) => Err(invalid(format!("{key}: expected true or false, got {v}"))),
             }
         };
+        let hairpin = flag("hairpinMode")?;
+        let async_delete = flag("asyncDelete")?;
         let dir = |key: &str, default: &str| -> Result<PathBuf, CniError> {
             let d = string_field(extra, key)?.unwrap_or(default);
             if !d.starts_with('/') {
@@ -142,6 +146,7 @@ impl WeftConf {
             mtu,
             bridge: bridge.to_string(),
             hairpin,
+            async_delete,
             data_dir: dir("dataDir", DEFAULT_DATA_DIR)?,
             run_dir: dir("runDir", DEFAULT_RUN_DIR)?,
         })
@@ -219,6 +224,7 @@ mod tests {
                 "a-very-long",
             ),
             (json!({"hairpinMode": "yes"}), "hairpinMode", "yes"),
+            (json!({"asyncDelete": 1}), "asyncDelete", "1"),
             (
                 json!({"dataDir": "relative/dir"}),
                 "dataDir",

@@ -9,6 +9,10 @@
 //! runs (killed, or the spawn failed and the synchronous fallback failed too), the link is down
 //! and inert, and GC, the next ADD of the attachment, or the pod namespace's own teardown removes
 //! it.
+//!
+//! The reaper outlives the plugin, so it is reaped by PID 1 or the nearest subreaper. Where that
+//! process never reaps orphans (some containerised runtimes), set `"asyncDelete": false` in the
+//! conf: DEL then deletes the veth itself and waits for the kernel.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -19,7 +23,7 @@ pub const ARG: &str = "reap-link";
 
 /// Starts the reaper for `index`/`name` and returns without waiting for it.
 pub fn spawn(index: u32, name: &str) -> std::io::Result<()> {
-    Command::new("/proc/self/exe")
+    Command::new(std::env::current_exe()?)
         .arg(ARG)
         .arg(index.to_string())
         .arg(name)
@@ -50,7 +54,7 @@ pub fn run(args: &[String]) -> i32 {
     };
     let done = rt.block_on(async {
         let host = Netlink::connect()?;
-        match host.links().await?.into_iter().find(|l| l.index == index) {
+        match host.link_by_index(index).await? {
             Some(l) if l.name == *name => host.del_link_index(index).await.map(|_| ()),
             _ => Ok(()),
         }

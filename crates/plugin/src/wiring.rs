@@ -131,7 +131,7 @@ async fn ensure_bridge(host: &Netlink, b: &BridgePlan) -> Result<u32> {
         })?;
     if link.kind.as_deref() != Some("bridge") {
         return Err(weft_net::Error::Io {
-            op: format!("using {} as the pod bridge", b.name),
+            op: format!("bridge: using {:?} as the pod bridge", b.name),
             source: std::io::Error::other(format!(
                 "it exists but is a {} device, not a bridge",
                 link.kind.as_deref().unwrap_or("physical")
@@ -148,14 +148,12 @@ async fn ensure_bridge(host: &Netlink, b: &BridgePlan) -> Result<u32> {
     Ok(link.index)
 }
 
-/// Wires the pod and returns the host veth's MAC. On error the caller deletes the host veth,
-/// which takes everything else with it.
-pub async fn apply(
-    p: &PodPlan,
-    host: &Netlink,
-    pod: &Netlink,
-    pod_ns: &Netns,
-) -> Result<Option<[u8; 6]>> {
+/// Wires the pod. On error the caller deletes the host veth, which takes everything else with it.
+pub async fn apply(p: &PodPlan, host: &Netlink, pod: &Netlink, pod_ns: &Netns) -> Result<Applied> {
+    // IPv4 forwards by the *input* device's setting, and replies to pods come in on the node's
+    // uplink: a pod network needs forwarding on everywhere, as the reference bridge plugin's
+    // isGateway sets it (and as every Kubernetes node has it).
+    sysctl::set("net.ipv4.ip_forward", "1")?;
     let controller = match &p.bridge {
         Some(b) => Some(ensure_bridge(host, b).await?),
         None => None,
@@ -213,14 +211,28 @@ pub async fn apply(
         pod.replace_neighbour(pl.index, IpAddr::V4(*ip), *mac)
             .await?;
     }
+    // A default route the pod already has (another attachment's) is left alone, and then not
+    // reported in the result either.
+    let mut installed = Vec::new();
     for r in &p.pod_routes {
-        pod.replace_route(&RouteSpec {
+        let with_oif = RouteSpec {
             oif: Some(pl.index),
             ..r.clone()
-        })
-        .await?;
+        };
+        if pod.add_route(&with_oif).await? {
+            installed.push(r.clone());
+        }
     }
-    Ok(hv.mac)
+    Ok(Applied {
+        host_mac: hv.mac,
+        pod_routes: installed,
+    })
+}
+
+/// What `apply` made that the result reports.
+pub struct Applied {
+    pub host_mac: Option<[u8; 6]>,
+    pub pod_routes: Vec<RouteSpec>,
 }
 
 /// Test builds fail here on request (`WEFT_FAULT=<point>`), so the tests can prove that a
@@ -236,8 +248,13 @@ fn fault_point(point: &str) -> Result<()> {
 }
 
 /// What CHECK found wrong, in words an operator can act on; empty means the pod is wired as
-/// planned.
-pub async fn verify(p: &PodPlan, host: &Netlink, pod: &Netlink) -> Result<Vec<String>> {
+/// planned. `mtu` is checked when the previous result recorded one.
+pub async fn verify(
+    p: &PodPlan,
+    host: &Netlink,
+    pod: &Netlink,
+    mtu: Option<u32>,
+) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     let Some(hv) = host.link(&p.host_veth).await? else {
         problems.push(format!("host veth {} is missing", p.host_veth));
@@ -285,6 +302,31 @@ pub async fn verify(p: &PodPlan, host: &Netlink, pod: &Netlink) -> Result<Vec<St
     };
     if !pl.up {
         problems.push(format!("pod interface {} is down", p.ifname));
+    }
+    if pl.mac != Some(p.pod_mac) {
+        problems.push(format!(
+            "pod interface {} has MAC {} instead of {}",
+            p.ifname,
+            pl.mac.map(|m| weft_net::format_mac(&m)).unwrap_or_default(),
+            weft_net::format_mac(&p.pod_mac)
+        ));
+    }
+    for (what, link) in [("pod interface", &pl), ("host veth", &hv)] {
+        if let Some(m) = mtu.filter(|m| *m != link.mtu) {
+            problems.push(format!(
+                "{what} {} has MTU {} instead of {m}",
+                link.name, link.mtu
+            ));
+        }
+    }
+    for (key, value) in &p.host_veth_conf {
+        let now = sysctl::get_ipv4_conf(&p.host_veth, key)?;
+        if now != *value {
+            problems.push(format!(
+                "net.ipv4.conf.{}.{key} is {now}, not {value}",
+                p.host_veth
+            ));
+        }
     }
     if !pod.addresses(pl.index).await?.contains(&p.address.into()) {
         problems.push(format!(

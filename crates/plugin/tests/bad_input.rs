@@ -180,8 +180,14 @@ fn exhausted_subnet() {
     for (i, p) in pods.iter().take(5).enumerate() {
         node.add(&conf, p, &format!("e{i}")).unwrap();
     }
+    let before = node.ipam_records();
     let e = node.add(&conf, &pods[5], "e5").unwrap_err();
     assert_eq!(e.code, code::IPAM_EXHAUSTED, "{e}");
+    assert_eq!(
+        node.ipam_records(),
+        before,
+        "the failed ADD changed no IPAM record"
+    );
     assert!(e.msg.contains("10.244.50.0/29"), "{e}");
     assert_eq!(node.weft_veths().len(), 5, "the failed ADD made no veth");
     assert!(!pods[5].links().contains(&"eth0".to_string()));

@@ -40,9 +40,6 @@ fn weft_portmap_tuning_conflist() {
     node.host.ip(&["link", "set", "uplink", "up"]);
     client.ip(&["addr", "add", "192.0.2.2/24", "dev", "eth0"]);
     client.ip(&["link", "set", "eth0", "up"]);
-    node.host
-        .run(|| weft_net::sysctl::set("net.ipv4.ip_forward", "1"))
-        .unwrap();
 
     let list = json!({
         "cniVersion": "1.0.0",
@@ -80,11 +77,30 @@ fn weft_portmap_tuning_conflist() {
     // for traffic from it).
     let host_veth = result["interfaces"][0]["name"].as_str().unwrap();
     let qdisc = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.host.name, "tc", "qdisc", "show", "dev", host_veth])
+        .args([
+            "netns",
+            "exec",
+            &node.host.name,
+            "tc",
+            "qdisc",
+            "show",
+            "dev",
+            host_veth,
+        ])
         .output()
         .unwrap();
     let qdisc = String::from_utf8_lossy(&qdisc.stdout);
-    assert!(qdisc.contains("tbf"), "bandwidth shaped {host_veth}: {qdisc}");
+    assert!(
+        qdisc.contains("tbf"),
+        "bandwidth shaped {host_veth}: {qdisc}"
+    );
+
+    // weft turned forwarding on: replies from the client come in on the uplink.
+    let fwd = node
+        .host
+        .run(|| weft_net::sysctl::get("net.ipv4.ip_forward"))
+        .unwrap();
+    assert_eq!(fwd, "1");
 
     // tuning ran inside the pod, after weft made it.
     let somaxconn = pod

@@ -150,8 +150,21 @@ fn result_follows_the_conf_version() {
         assert_eq!(has_version, v.starts_with("0."), "{v}: {r}");
         let mut check = conf.clone();
         check["prevResult"] = r;
-        node.exec("CHECK", Some(&rt(&pod, "ver")), &check)
-            .unwrap_or_else(|e| panic!("CHECK at {v}: {e}"));
+        let checked = node.exec("CHECK", Some(&rt(&pod, "ver")), &check);
+        if v.starts_with("0.3") {
+            // CHECK exists since 0.4.0.
+            assert_eq!(checked.unwrap_err().code, code::INCOMPATIBLE_VERSION, "{v}");
+        } else {
+            checked.unwrap_or_else(|e| panic!("CHECK at {v}: {e}"));
+        }
+        if v != "1.1.0" {
+            let e = node.exec("STATUS", None, &conf).unwrap_err();
+            assert_eq!(
+                e.code,
+                code::INCOMPATIBLE_VERSION,
+                "STATUS exists since 1.1.0"
+            );
+        }
         node.del(&conf, &pod, "ver").unwrap();
     }
 }
@@ -223,9 +236,14 @@ fn failed_add_rolls_back() {
 
 #[test]
 fn failure_after_the_veth_exists_rolls_back() {
-    for point in ["after-veth", "after-pod-address"] {
+    for (point, mode) in [
+        ("after-veth", "routed"),
+        ("after-pod-address", "routed"),
+        ("after-veth", "bridge"),
+        ("after-pod-address", "bridge"),
+    ] {
         let node = Node::new("rb2-host");
-        let conf = node.conf("routed", "10.244.10.0/24");
+        let conf = node.conf(mode, "10.244.10.0/24");
         let pod = Ns::new("rb2-pod");
         let mut faulty = node.invoker.clone();
         faulty.env.push(("WEFT_FAULT".into(), point.into()));
@@ -262,20 +280,102 @@ fn a_bridge_name_taken_by_another_device_is_refused() {
 }
 
 #[test]
-fn readd_right_after_del_survives_the_reaper() {
-    // DEL leaves the veth's deletion to a detached reaper; a re-ADD of the same attachment makes
-    // a veth with the same name at once, which the reaper must not take (it deletes by index).
+fn a_late_reaper_spares_the_readded_veth() {
+    // DEL leaves the veth's deletion to a detached reaper. Make the reaper as late as it can be:
+    // run it by hand, for the old veth's index, after a re-ADD of the same attachment made a new
+    // veth with the same name. It must delete nothing (it deletes by index and checks the name).
     let node = Node::new("reap-host");
-    let conf = node.conf("bridge", "10.244.12.0/24");
+    let mut conf = node.conf("bridge", "10.244.12.0/24");
     let pod = Ns::new("reap-pod");
-    for _ in 0..10 {
-        node.add(&conf, &pod, "reap").unwrap();
-        node.del(&conf, &pod, "reap").unwrap();
-    }
     let r = node.add(&conf, &pod, "reap").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let hv = r["interfaces"][0]["name"].as_str().unwrap();
-    assert_eq!(node.weft_veths(), vec![hv.to_string()]);
+    let hv = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let old_index: String = node
+        .host
+        .ip(&["-o", "link", "show", &hv])
+        .split(':')
+        .next()
+        .unwrap()
+        .into();
+    // Synchronous DEL here, so that only the hand-run reaper is in play.
+    conf["asyncDelete"] = serde_json::json!(false);
+    node.del(&conf, &pod, "reap").unwrap();
+    assert_eq!(
+        node.weft_veths(),
+        Vec::<String>::new(),
+        "asyncDelete=false deletes at once"
+    );
+    let r = node.add(&conf, &pod, "reap").unwrap();
+    let reaper = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.host.name])
+        .arg(weft_bin())
+        .args([weft_plugin::reap::ARG, &old_index, &hv])
+        .status()
+        .unwrap();
+    assert!(reaper.success());
+    assert_eq!(node.weft_veths(), vec![hv.clone()], "the new veth survives");
     let resp = Responder::start(&pod, result_ip(&r), 80, "survivor");
     assert_eq!(tcp_probe(&node.host, resp.addr).unwrap(), "survivor");
+    // And a reaper for the live index does delete it.
+    let index: String = node
+        .host
+        .ip(&["-o", "link", "show", &hv])
+        .split(':')
+        .next()
+        .unwrap()
+        .into();
+    let reaper = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.host.name])
+        .arg(weft_bin())
+        .args([weft_plugin::reap::ARG, &index, &hv])
+        .status()
+        .unwrap();
+    assert!(reaper.success());
+    assert_eq!(node.weft_veths(), Vec::<String>::new());
+}
+
+#[test]
+fn the_host_namespace_is_not_a_pod() {
+    let node = Node::new("self-host");
+    let conf = node.conf("bridge", "10.244.13.0/24");
+    let mut r = rt(&node.host, "self");
+    r.ifname = "ens9".into();
+    let e = node.exec("ADD", Some(&r), &conf).unwrap_err();
+    assert_eq!(e.code, code::INVALID_ENV, "{e}");
+    assert!(e.msg.contains("CNI_NETNS") && e.msg.contains("own"), "{e}");
+    assert!(!node.host.links().contains(&"ens9".to_string()));
+    assert_eq!(node.ipam_records(), Vec::<String>::new());
+}
+
+#[test]
+fn a_second_attachment_keeps_the_pods_default_route() {
+    let node = Node::new("multi-host");
+    let first = node.conf("bridge", "10.244.14.0/24");
+    let pod = Ns::new("multi-pod");
+    let r1 = node.add(&first, &pod, "multi").unwrap();
+    // A second network on another bridge, attached as net1.
+    let mut second = node.conf("bridge", "10.244.15.0/24");
+    second["name"] = serde_json::json!("second");
+    second["bridge"] = serde_json::json!("weft1");
+    let mut rc = rt(&pod, "multi");
+    rc.ifname = "net1".into();
+    let r2 = node.exec("ADD", Some(&rc), &second).unwrap().unwrap();
+    let def = pod.ip(&["route", "show", "default"]);
+    assert!(
+        def.contains("via 10.244.14.1 dev eth0"),
+        "first default kept: {def}"
+    );
+    assert!(!def.contains("net1"), "{def}");
+    assert!(
+        r2.get("routes")
+            .is_none_or(|r| r.as_array().is_some_and(|a| a.is_empty())),
+        "{r2}"
+    );
+    let mut check = second.clone();
+    check["prevResult"] = r2;
+    node.exec("CHECK", Some(&rc), &check)
+        .expect("CHECK of the second attachment");
+    let mut check = first.clone();
+    check["prevResult"] = r1;
+    node.exec("CHECK", Some(&rt(&pod, "multi")), &check)
+        .expect("CHECK of the first");
 }

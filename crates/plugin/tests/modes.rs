@@ -18,8 +18,7 @@ fn wire_three_and_talk(mode: &str) {
         results.push(r);
     }
     let ips: Vec<Ipv4Addr> = results.iter().map(result_ip).collect();
-    let mut distinct = ips.clone();
-    distinct.dedup();
+    let distinct: std::collections::HashSet<_> = ips.iter().collect();
     assert_eq!(distinct.len(), 3, "distinct addresses: {ips:?}");
     for ip in &ips {
         assert!(

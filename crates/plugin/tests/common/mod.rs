@@ -201,7 +201,7 @@ impl Node {
             .collect()
     }
 
-    /// Waits (at most 3 s) for the host veths to be gone: DEL leaves their deletion to the
+    /// Waits (at most 10 s) for the host veths to be gone: DEL leaves their deletion to the
     /// plugin's detached reaper, which finishes within milliseconds.
     pub fn wait_no_veths(&self) {
         wait_for("weft veths to be deleted", || self.weft_veths().is_empty());
@@ -303,9 +303,10 @@ pub fn tcp_probe(ns: &Ns, addr: SocketAddr) -> std::io::Result<String> {
     Ok(s)
 }
 
-/// Polls `cond` every 10 ms for at most 3 s; panics naming `what` if it never holds.
+/// Polls `cond` every 10 ms for at most 10 s (64 reapers serialise on the kernel's rtnl lock);
+/// panics naming `what` if it never holds.
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
         assert!(
             std::time::Instant::now() < deadline,
