@@ -9,8 +9,8 @@ pub mod netns;
 pub mod sysctl;
 
 pub use error::Error;
-pub use netlink::{Link, Netlink, RouteSpec, VethSpec};
-pub use netns::{NamedNetns, Netns};
+pub use netlink::{Link, Netlink, RouteSpec, VethSpec, VxlanSpec};
+pub use netns::{NamedNetns, Netns, ScratchNetns};
 
 /// Route protocol number that marks routes Weft installed (`ip route show proto 201`), so a sweep
 /// never touches routes that others made. Unassigned in iproute2's rt_protos.

@@ -11,11 +11,15 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::NeighbourFlags;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope,
 };
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
@@ -80,6 +84,19 @@ pub struct VethSpec<'a> {
     pub peer_mac: Option<[u8; 6]>,
     pub peer_netns: &'a Netns,
     pub mtu: Option<u32>,
+}
+
+/// A VXLAN device for unicast-only use: no learning, peers programmed as FDB entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    /// The underlay device index.
+    pub dev: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
 }
 
 /// An IPv4 route as Weft installs it.
@@ -189,6 +206,109 @@ impl Netlink {
                 }
             }
         }
+    }
+
+    /// Creates an up VXLAN device with learning off. Fails with EEXIST if one of that name exists.
+    pub async fn add_vxlan(&self, v: &VxlanSpec) -> Result<(), Error> {
+        let msg = LinkVxlan::new(&v.name, v.vni)
+            .dev(v.dev)
+            .local(v.local)
+            .port(v.port)
+            .learning(false)
+            .address(v.mac.to_vec())
+            .mtu(v.mtu)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("creating vxlan device {}", v.name), e))
+    }
+
+    /// A permanent FDB entry on a VXLAN device (`bridge fdb replace MAC dev D dst IP self
+    /// permanent`): frames for MAC go to the peer's underlay IP.
+    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), Error> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(IpAddr::V4(dst))
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                Error::netlink(
+                    format!("adding fdb entry {} dst {dst}", crate::format_mac(&mac)),
+                    e,
+                )
+            })
+    }
+
+    /// Permanent FDB entries (MAC, destination) on `index`.
+    pub async fn fdb_entries(&self, index: u32) -> Result<Vec<([u8; 6], Ipv4Addr)>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| Error::netlink("listing fdb entries", e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.ifindex != index || m.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let (mut mac, mut dst) = (None, None);
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                        mac = Some(<[u8; 6]>::try_from(&l[..]).expect("length checked"))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(*v4),
+                    // AF_BRIDGE entries carry NDA_DST as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                        dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                out.push((mac, dst));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), Error> {
+        let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        ignore_not_found(
+            self.handle.neighbours().del(msg).execute().await,
+            format!("deleting fdb entry {}", crate::format_mac(&mac)),
+        )
+    }
+
+    pub async fn del_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), Error> {
+        let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        ignore_not_found(
+            self.handle.neighbours().del(msg).execute().await,
+            format!("deleting neighbour {ip}"),
+        )
     }
 
     pub async fn add_veth(&self, spec: &VethSpec<'_>) -> Result<(), Error> {
@@ -494,6 +614,20 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+fn ignore_not_found(r: Result<(), rtnetlink::Error>, op: String) -> Result<(), Error> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let e = Error::netlink(op, e);
+            if e.is_not_found() {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
     }
 }
 

@@ -157,3 +157,41 @@ impl NamedNetns {
         names
     }
 }
+
+/// A named namespace for tests and benchmarks: `<prefix><pid>-<seq>-<tag>`, deleted on drop.
+/// `sweep` removes those of processes that no longer run (a crash skips Drop).
+pub struct ScratchNetns {
+    pub name: String,
+    pub netns: Netns,
+}
+
+static SCRATCH_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl ScratchNetns {
+    pub fn new(prefix: &str, tag: &str) -> Result<ScratchNetns, Error> {
+        let seq = SCRATCH_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}{}-{seq}-{tag}", std::process::id());
+        let netns = NamedNetns::create(&name)?;
+        Ok(ScratchNetns { name, netns })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        NamedNetns::path(&self.name)
+    }
+
+    /// Deletes `<prefix><pid>-…` namespaces whose pid is not running.
+    pub fn sweep(prefix: &str) {
+        for name in NamedNetns::list(prefix) {
+            let pid = name[prefix.len()..].split('-').next().unwrap_or("");
+            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                let _ = NamedNetns::delete(&name);
+            }
+        }
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = NamedNetns::delete(&self.name);
+    }
+}

@@ -8,24 +8,16 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use weft_cni::exec::{ConfList, Invoker, RuntimeConf};
-use weft_net::NamedNetns;
+use weft_net::ScratchNetns;
 
-struct Namespace(String);
+struct Namespace(ScratchNetns);
 
 impl Namespace {
     fn new(tag: &str) -> Namespace {
-        let name = format!("wbench-{}-{tag}", std::process::id());
-        NamedNetns::create(&name).expect("creating a benchmark namespace");
-        Namespace(name)
+        Namespace(ScratchNetns::new("wbench-", tag).expect("creating a benchmark namespace"))
     }
     fn path(&self) -> PathBuf {
-        NamedNetns::path(&self.0)
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = NamedNetns::delete(&self.0);
+        self.0.path()
     }
 }
 
@@ -69,12 +61,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(200);
     // Stale namespaces of an earlier, crashed run.
-    for name in NamedNetns::list("wbench-") {
-        let pid = name["wbench-".len()..].split('-').next().unwrap_or("");
-        if !std::path::Path::new("/proc").join(pid).exists() {
-            let _ = NamedNetns::delete(&name);
-        }
-    }
+    ScratchNetns::sweep("wbench-");
     let host = Namespace::new("host");
     let host_ns = weft_net::Netns::open(host.path()).unwrap();
     let state = std::env::temp_dir().join(format!("wbench-{}", std::process::id()));

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use weft_cni::error::CniError;
 use weft_cni::exec::{Invoker, RuntimeConf};
-use weft_net::{NamedNetns, Netns};
+use weft_net::{NamedNetns, Netns, ScratchNetns};
 
 /// Every namespace these tests make starts with this, followed by the test process's pid.
 pub const PREFIX: &str = "wtest-";
@@ -31,12 +31,7 @@ pub fn require_root() {
 
 /// Deletes namespaces left by test processes that no longer run (a crash skips Drop).
 fn sweep_stale() {
-    for name in NamedNetns::list(PREFIX) {
-        let pid = name[PREFIX.len()..].split('-').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-            let _ = NamedNetns::delete(&name);
-        }
-    }
+    ScratchNetns::sweep(PREFIX);
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -45,17 +40,18 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub struct Ns {
     pub name: String,
     pub netns: Netns,
+    _scratch: ScratchNetns,
 }
 
 impl Ns {
     pub fn new(tag: &str) -> Ns {
-        let name = format!(
-            "{PREFIX}{}-{}-{tag}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let netns = NamedNetns::create(&name).unwrap_or_else(|e| panic!("creating {name}: {e}"));
-        let ns = Ns { name, netns };
+        let scratch = ScratchNetns::new(PREFIX, tag)
+            .unwrap_or_else(|e| panic!("creating a {tag} netns: {e}"));
+        let ns = Ns {
+            name: scratch.name.clone(),
+            netns: Netns::open(scratch.path()).expect("opening the new netns"),
+            _scratch: scratch,
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -94,12 +90,6 @@ impl Ns {
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
             .collect()
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = NamedNetns::delete(&self.name);
     }
 }
 

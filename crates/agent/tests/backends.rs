@@ -1,0 +1,222 @@
+//! Backends on a real kernel: two node namespaces on one underlay link, each with an address of
+//! its pod subnet on loopback standing in for a pod. The reconciled datapath carries real TCP;
+//! a second pass changes nothing; a route deleted by hand comes back; a gone peer is cleaned up.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+use weft_agent::backend::{self, reconcile::reconcile, BackendKind, Underlay};
+use weft_agent::lease::Lease;
+use weft_net::{Netlink, Netns, ScratchNetns};
+
+const PREFIX: &str = "wtest-agent-";
+
+fn ip(ns: &ScratchNetns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(&ns.name)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Node {
+    ns: ScratchNetns,
+    lease: Lease,
+    underlay: Underlay,
+}
+
+fn two_nodes(kind: BackendKind) -> (Node, Node) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: creates network namespaces"
+    );
+    ScratchNetns::sweep(PREFIX);
+    let a = ScratchNetns::new(PREFIX, "n1").unwrap();
+    let b = ScratchNetns::new(PREFIX, "n2").unwrap();
+    ip(
+        &a,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b.name,
+        ],
+    );
+    let mut nodes = Vec::new();
+    for (i, ns) in [a, b].into_iter().enumerate() {
+        let n = i + 1;
+        ip(&ns, &["link", "set", "lo", "up"]);
+        ip(
+            &ns,
+            &["addr", "add", &format!("10.100.0.{n}/24"), "dev", "eth0"],
+        );
+        ip(&ns, &["link", "set", "eth0", "up"]);
+        ip(
+            &ns,
+            &["addr", "add", &format!("10.244.{n}.1/32"), "dev", "lo"],
+        );
+        let index: u32 = ip(&ns, &["-o", "link", "show", "eth0"])
+            .split(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        nodes.push(Node {
+            lease: Lease {
+                node: format!("node{n}"),
+                subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+                underlay_ip: format!("10.100.0.{n}").parse().unwrap(),
+                backend: kind,
+                vtep_mac: None,
+            },
+            underlay: Underlay {
+                index,
+                name: "eth0".into(),
+                ip: format!("10.100.0.{n}").parse().unwrap(),
+                net: "10.100.0.0/24".parse().unwrap(),
+                mtu: 1500,
+            },
+            ns,
+        });
+    }
+    let b = nodes.pop().unwrap();
+    (nodes.pop().unwrap(), b)
+}
+
+fn apply(kind: BackendKind, node: &Node, peers: &[Lease]) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let netns = Netns::open(node.ns.path()).unwrap();
+    rt.block_on(async {
+        let nl = Netlink::connect_in(&netns).unwrap();
+        let plan = backend::plan(kind, &node.lease, &node.underlay, peers);
+        reconcile(
+            &nl,
+            &plan,
+            &node.underlay,
+            "10.244.0.0/16".parse().unwrap(),
+            node.lease.subnet,
+        )
+        .await
+        .unwrap()
+    })
+}
+
+fn tcp(from: &ScratchNetns, to: &ScratchNetns, addr: Ipv4Addr) -> std::io::Result<String> {
+    let listener = to.netns.run(|| TcpListener::bind((addr, 0))).unwrap()?;
+    let port = listener.local_addr()?.port();
+    let server = std::thread::spawn(move || {
+        listener.set_nonblocking(false).ok();
+        if let Ok((mut c, _)) = listener.accept() {
+            let _ = c.write_all(b"pong");
+        }
+    });
+    let dst = SocketAddr::from((addr, port));
+    let got = from
+        .netns
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+        .unwrap()
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+    if got.is_err() {
+        // Unblock the server thread.
+        let _ = to
+            .netns
+            .run(|| TcpStream::connect_timeout(&dst, Duration::from_millis(200)));
+    }
+    let _ = server.join();
+    got
+}
+
+fn backend_round_trip(kind: BackendKind) {
+    let (n1, n2) = two_nodes(kind);
+    let leases = vec![n1.lease.clone(), n2.lease.clone()];
+    assert!(apply(kind, &n1, &leases) > 0);
+    assert!(apply(kind, &n2, &leases) > 0);
+    assert_eq!(
+        tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).unwrap(),
+        "pong"
+    );
+    assert_eq!(
+        tcp(&n2.ns, &n1.ns, "10.244.1.1".parse().unwrap()).unwrap(),
+        "pong"
+    );
+    // Level-triggered and idempotent: nothing to do the second time.
+    assert_eq!(apply(kind, &n1, &leases), 0);
+    // A route deleted by hand is restored.
+    ip(&n1.ns, &["route", "del", "10.244.2.0/24"]);
+    assert_eq!(apply(kind, &n1, &leases), 1);
+    assert_eq!(
+        tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).unwrap(),
+        "pong"
+    );
+    if kind == BackendKind::Vxlan {
+        let fdb = Command::new("bridge")
+            .args(["-n", &n1.ns.name, "fdb", "show", "dev", "weft.vxlan"])
+            .output()
+            .unwrap();
+        let fdb = String::from_utf8_lossy(&fdb.stdout);
+        assert!(
+            fdb.contains("0a:58:0a:f4:02:00 dst 10.100.0.2 self permanent"),
+            "{fdb}"
+        );
+        let neigh = ip(&n1.ns, &["neigh", "show", "dev", "weft.vxlan"]);
+        assert!(
+            neigh.contains("10.244.2.0 lladdr 0a:58:0a:f4:02:00 PERMANENT"),
+            "{neigh}"
+        );
+        let d = ip(&n1.ns, &["-d", "link", "show", "weft.vxlan"]);
+        assert!(
+            d.contains("vxlan id 1") && d.contains("dstport 4789") && d.contains("nolearning"),
+            "{d}"
+        );
+        assert!(d.contains("mtu 1450"), "{d}");
+    }
+    // The peer leaves: its route (and FDB, neighbour) go; the pod route of the node stays.
+    let changed = apply(kind, &n1, &leases[..1]);
+    assert!(changed >= 1);
+    assert_eq!(ip(&n1.ns, &["route", "show", "proto", "201"]).trim(), "");
+    if kind == BackendKind::Vxlan {
+        assert_eq!(
+            ip(&n1.ns, &["neigh", "show", "dev", "weft.vxlan"]).trim(),
+            ""
+        );
+    }
+    assert!(tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).is_err());
+}
+
+#[test]
+fn host_gw() {
+    backend_round_trip(BackendKind::HostGw);
+}
+
+#[test]
+fn vxlan() {
+    backend_round_trip(BackendKind::Vxlan);
+}
+
+#[test]
+fn directrouting_on_one_segment_uses_routes_only() {
+    let (n1, n2) = two_nodes(BackendKind::DirectRouting);
+    let leases = vec![n1.lease.clone(), n2.lease.clone()];
+    apply(BackendKind::DirectRouting, &n1, &leases);
+    apply(BackendKind::DirectRouting, &n2, &leases);
+    let r = ip(&n1.ns, &["route", "show", "10.244.2.0/24"]);
+    assert!(r.contains("via 10.100.0.2 dev eth0"), "{r}");
+    assert_eq!(
+        tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).unwrap(),
+        "pong"
+    );
+}
