@@ -13,6 +13,8 @@ packages=(
   containernetworking-plugins  # /usr/lib/cni: reference plugins for chaining tests and the benchmark
   iputils-ping
   iperf3 sockperf            # benchmarks
+  etcd-server                # the etcd store: conformance tests and `weftctl lab up --store etcd`
+  protobuf-compiler libprotobuf-dev  # etcd-client's build (protoc)
 )
 missing=()
 for p in "${packages[@]}"; do

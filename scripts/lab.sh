@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job: install what Weft needs, build it, bring up a lab (a node and its pods, all
-# network namespaces, wired by the real weft CNI plugin) and print its connectivity matrix.
+# The main job: install what Weft needs, build it, bring up a lab (3 nodes running weftd, 2 pods
+# each wired by the real weft CNI plugin, an outside host; all network namespaces) and print its
+# connectivity matrix.
 # Needs root. Afterwards: target/release/weftctl lab status | exec POD -- CMD | down.
-# Options are passed to `weftctl lab up` (e.g. --pods 5 --mode routed).
+# Options are passed to `weftctl lab up` (e.g. --backend host-gw --mode routed --store etcd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -10,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 bash scripts/install-deps.sh
-cargo build --release --locked -p weft-plugin -p weftctl
+cargo build --release --locked -p weft-plugin -p weft-agent -p weftctl
 weftctl=target/release/weftctl
 # A lab left from an earlier run is replaced.
 "$weftctl" lab down >/dev/null 2>&1 || true

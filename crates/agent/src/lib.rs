@@ -2,5 +2,9 @@
 //! backend, and masquerades pod traffic that leaves the cluster.
 
 pub mod backend;
+pub mod config;
+pub mod daemon;
+mod http;
 pub mod lease;
 pub mod masq;
+mod underlay;

@@ -7,19 +7,31 @@ use std::path::{Path, PathBuf};
 
 #[derive(Serialize, Deserialize)]
 pub struct LabState {
-    pub node: NodeState,
+    pub backend: String,
+    pub store: String,
+    pub mode: String,
+    pub subnets: u8,
+    pub fabric_netns: String,
+    pub outside_netns: String,
+    pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     pub cni_bin_dir: PathBuf,
-    pub conflist: PathBuf,
+    pub weftd: PathBuf,
+    /// The store URL the agents use.
+    pub store_url: String,
+    pub etcd_pid: Option<u32>,
+    pub outside_responder_pid: Option<u32>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 pub struct NodeState {
     pub name: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
-    pub subnet: ipnet::Ipv4Net,
-    pub mode: String,
+    pub underlay_ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    /// The node's own directory: run/ (subnet.env), state/, ipam/, weft.conflist, weftd.log.
+    pub dir: PathBuf,
+    pub agent_pid: Option<u32>,
     pub responder_pid: Option<u32>,
 }
 
@@ -49,5 +61,12 @@ impl LabState {
         }
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializable"))?;
         std::fs::rename(&tmp, path)
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeState, String> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| format!("no node {name} in this lab"))
     }
 }

@@ -1,0 +1,242 @@
+//! weftd's configuration: flags, or a JSON file whose keys are the flags' long names in
+//! camelCase (`clusterCidr`, `subnetLen`, …). A flag given on the command line wins over the file.
+
+use crate::backend::BackendKind;
+use clap::Parser;
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(name = "weftd", version, about = "Weft node agent")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Flags {
+    /// JSON config file (keys: the long flag names in camelCase).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// The cluster's pod CIDR, cut into node subnets (default 10.244.0.0/16).
+    #[arg(long)]
+    pub cluster_cidr: Option<Ipv4Net>,
+    /// Prefix length of a node's subnet (default 24).
+    #[arg(long)]
+    pub subnet_len: Option<u8>,
+    /// host-gw, vxlan or directrouting (default vxlan).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// The underlay interface (default: the one holding the default route).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// The cluster store: sqlite:///path/file.db or etcd://host:port (default sqlite:///var/lib/weft/store.db).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Lease TTL in seconds (default 30); renewed every third of it.
+    #[arg(long)]
+    pub lease_ttl: Option<u64>,
+    /// Where subnet.env is written for the CNI plugin (default /run/weft).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Where the agent keeps its own state (default /var/lib/weft).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Health and metrics listen address (default 127.0.0.1:9967).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Pod wiring written to subnet.env for the plugin: bridge or routed (default bridge).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// The CNI network name written to subnet.env (default weft).
+    #[arg(long)]
+    pub network_name: Option<String>,
+    /// Seconds between full drift checks (default 10).
+    #[arg(long)]
+    pub resync: Option<u64>,
+    /// Release this node's lease, remove what the agent made, and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub leave: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub cluster_cidr: Ipv4Net,
+    pub subnet_len: u8,
+    pub backend: BackendKind,
+    pub iface: Option<String>,
+    pub store: String,
+    pub lease_ttl: Duration,
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub mode: String,
+    pub network_name: String,
+    pub resync: Duration,
+    pub leave: bool,
+}
+
+impl Flags {
+    /// Fills what the command line left out from the file, then from the defaults, and checks
+    /// the result. Errors name the flag and the value.
+    pub fn resolve(mut self) -> Result<Config, String> {
+        if let Some(path) = &self.config {
+            let text =
+                std::fs::read(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+            let file: Flags = serde_json::from_slice(&text)
+                .map_err(|e| format!("--config {}: {e}", path.display()))?;
+            macro_rules! fill {
+                ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+            }
+            fill!(
+                node_name,
+                cluster_cidr,
+                subnet_len,
+                backend,
+                iface,
+                store,
+                lease_ttl,
+                run_dir,
+                state_dir,
+                listen,
+                mode,
+                network_name,
+                resync
+            );
+        }
+        let node_name = match self.node_name {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .map_err(|e| {
+                    format!("--node-name not given and the hostname is unreadable: {e}")
+                })?,
+        };
+        if node_name.is_empty() || node_name.len() > 253 || node_name.contains(['/', ' ']) {
+            return Err(format!(
+                "--node-name: {node_name:?} is not a valid node name"
+            ));
+        }
+        let cluster_cidr = self
+            .cluster_cidr
+            .unwrap_or("10.244.0.0/16".parse().expect("literal"))
+            .trunc();
+        let subnet_len = self.subnet_len.unwrap_or(24);
+        if subnet_len < cluster_cidr.prefix_len() || subnet_len > 30 {
+            return Err(format!(
+                "--subnet-len: /{subnet_len} must be between the cluster CIDR's /{} and /30",
+                cluster_cidr.prefix_len()
+            ));
+        }
+        let backend = self.backend.as_deref().unwrap_or("vxlan");
+        let backend = BackendKind::parse(backend).ok_or_else(|| {
+            format!("--backend: {backend:?} is not one of host-gw, vxlan, directrouting")
+        })?;
+        let mode = self.mode.unwrap_or_else(|| "bridge".into());
+        if mode != "bridge" && mode != "routed" {
+            return Err(format!("--mode: {mode:?} is not one of bridge, routed"));
+        }
+        let store = self
+            .store
+            .unwrap_or_else(|| "sqlite:///var/lib/weft/store.db".into());
+        if !(store.starts_with("sqlite://")
+            || store.starts_with("etcd://")
+            || store.starts_with("etcd+unix://"))
+        {
+            return Err(format!(
+                "--store: {store:?} is not a sqlite:// or etcd:// URL"
+            ));
+        }
+        let lease_ttl = self.lease_ttl.unwrap_or(30);
+        if !(3..=3600).contains(&lease_ttl) {
+            return Err(format!(
+                "--lease-ttl: {lease_ttl} is not in 3..3600 seconds"
+            ));
+        }
+        let resync = self.resync.unwrap_or(10);
+        if !(1..=3600).contains(&resync) {
+            return Err(format!("--resync: {resync} is not in 1..3600 seconds"));
+        }
+        Ok(Config {
+            node_name,
+            cluster_cidr,
+            subnet_len,
+            backend,
+            iface: self.iface,
+            store,
+            lease_ttl: Duration::from_secs(lease_ttl),
+            run_dir: self.run_dir.unwrap_or_else(|| "/run/weft".into()),
+            state_dir: self.state_dir.unwrap_or_else(|| "/var/lib/weft".into()),
+            listen: self
+                .listen
+                .unwrap_or_else(|| "127.0.0.1:9967".parse().expect("literal")),
+            mode,
+            network_name: self.network_name.unwrap_or_else(|| "weft".into()),
+            resync: Duration::from_secs(resync),
+            leave: self.leave,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::parse_from(std::iter::once("weftd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = flags(&["--node-name", "n1"]).resolve().unwrap();
+        assert_eq!(c.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.backend, BackendKind::Vxlan);
+        assert_eq!(c.lease_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_flag_and_value() {
+        for (args, needle) in [
+            (vec!["--backend", "ipsec"], "ipsec"),
+            (vec!["--subnet-len", "8"], "--subnet-len"),
+            (vec!["--mode", "tunnel"], "tunnel"),
+            (vec!["--store", "mysql://x"], "mysql://x"),
+            (vec!["--lease-ttl", "1"], "--lease-ttl"),
+        ] {
+            let mut a = vec!["--node-name", "n1"];
+            a.extend(args);
+            let e = flags(&a).resolve().unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn file_fills_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("weftd-conf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("weftd.json");
+        std::fs::write(
+            &f,
+            r#"{"nodeName": "from-file", "backend": "host-gw", "subnetLen": 26}"#,
+        )
+        .unwrap();
+        let c = flags(&["--config", f.to_str().unwrap(), "--subnet-len", "25"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            (c.node_name.as_str(), c.backend, c.subnet_len),
+            ("from-file", BackendKind::HostGw, 25)
+        );
+        std::fs::write(&f, r#"{"nodeNmae": "typo"}"#).unwrap();
+        let e = flags(&["--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.contains("nodeNmae"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,466 @@
+//! The agent's life: lease a subnet, write subnet.env, keep the lease alive, watch the peers'
+//! leases, and reconcile the backend and masquerade from them — on every change and on a timer.
+//!
+//! Restarts never disturb the datapath: nothing is flushed at start or exit; the first reconcile
+//! waits for the full peer list, then changes only what differs.
+
+use crate::backend::{self, reconcile::reconcile, BackendKind, Underlay};
+use crate::config::Config;
+use crate::http::{self, Health};
+use crate::lease::{candidates, lease_key, Lease, LEASE_PREFIX};
+use crate::masq;
+use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tracing::{error, info, warn};
+use weft_net::Netlink;
+use weft_plugin::config::Mode;
+use weft_plugin::subnet_env::SubnetEnv;
+use weft_store::{Error as StoreError, LeaseId, Store};
+
+#[derive(Clone)]
+struct Metrics {
+    peers: Gauge,
+    peer_problems: Gauge,
+    lease_renewals: Counter,
+    lease_renew_errors: Counter,
+    reconciles: Counter,
+    reconcile_errors: Counter,
+    reconcile_changes: Counter,
+    reconcile_seconds: Histogram,
+}
+
+impl Metrics {
+    fn new() -> (Metrics, Registry) {
+        let m = Metrics {
+            peers: Gauge::default(),
+            peer_problems: Gauge::default(),
+            lease_renewals: Counter::default(),
+            lease_renew_errors: Counter::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_changes: Counter::default(),
+            reconcile_seconds: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
+        };
+        let mut r = Registry::with_prefix("weft");
+        r.register("peers", "Peer nodes with a lease", m.peers.clone());
+        r.register(
+            "peer_problems",
+            "Peers the backend cannot reach",
+            m.peer_problems.clone(),
+        );
+        r.register(
+            "lease_renewals",
+            "Lease keepalives that succeeded",
+            m.lease_renewals.clone(),
+        );
+        r.register(
+            "lease_renew_errors",
+            "Lease keepalives that failed",
+            m.lease_renew_errors.clone(),
+        );
+        r.register("reconciles", "Reconcile passes", m.reconciles.clone());
+        r.register(
+            "reconcile_errors",
+            "Reconcile passes that failed",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_changes",
+            "Kernel objects changed by reconciles",
+            m.reconcile_changes.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time per reconcile pass",
+            m.reconcile_seconds.clone(),
+        );
+        (m, r)
+    }
+}
+
+fn state_file(cfg: &Config) -> std::path::PathBuf {
+    cfg.state_dir.join("subnet")
+}
+
+fn previous_subnet(cfg: &Config) -> Option<ipnet::Ipv4Net> {
+    std::fs::read_to_string(state_file(cfg))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Leases a subnet for this node: its own lease if the store still has one (a restart), else its
+/// previous subnet if free, else the first free candidate. Every write is a compare-and-swap, so
+/// racing agents never share a subnet.
+pub async fn acquire<S: Store>(
+    store: &S,
+    cfg: &Config,
+    underlay: &Underlay,
+    lease_id: LeaseId,
+) -> Result<Lease, String> {
+    let mine = |subnet| Lease {
+        node: cfg.node_name.clone(),
+        subnet,
+        underlay_ip: underlay.ip,
+        backend: cfg.backend,
+        vtep_mac: cfg
+            .backend
+            .uses_vxlan()
+            .then(|| weft_net::format_mac(&backend::vtep_mac(subnet))),
+    };
+    for _attempt in 0..10 {
+        let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
+        let leases: Vec<(weft_store::KeyValue, Lease)> = kvs
+            .into_iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok().map(|l| (kv, l)))
+            .collect();
+        if let Some((kv, own)) = leases.iter().find(|(_, l)| {
+            l.node == cfg.node_name
+                && cfg.cluster_cidr.contains(&l.subnet)
+                && l.subnet.prefix_len() == cfg.subnet_len
+        }) {
+            let lease = mine(own.subnet);
+            let json = serde_json::to_vec(&lease).expect("serializable");
+            match store
+                .cas(&kv.key, kv.mod_revision, &json, Some(lease_id))
+                .await
+            {
+                Ok(Some(_)) => return Ok(lease),
+                Ok(None) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let taken: Vec<_> = leases.iter().map(|(_, l)| l.subnet).collect();
+        let mut raced = false;
+        for subnet in candidates(
+            cfg.cluster_cidr,
+            cfg.subnet_len,
+            &cfg.node_name,
+            previous_subnet(cfg),
+        ) {
+            if taken.contains(&subnet) {
+                continue;
+            }
+            let lease = mine(subnet);
+            let json = serde_json::to_vec(&lease).expect("serializable");
+            match store
+                .cas(&lease_key(subnet), 0, &json, Some(lease_id))
+                .await
+            {
+                Ok(Some(_)) => return Ok(lease),
+                Ok(None) => {
+                    raced = true;
+                    break;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if !raced {
+            let n = cfg
+                .cluster_cidr
+                .subnets(cfg.subnet_len)
+                .map(|s| s.count())
+                .unwrap_or(0);
+            return Err(format!(
+                "no free /{} subnet in the cluster CIDR {}: all {n} are leased",
+                cfg.subnet_len, cfg.cluster_cidr
+            ));
+        }
+    }
+    Err("could not lease a subnet: every attempt lost a race to another node".into())
+}
+
+fn write_subnet_env(cfg: &Config, lease: &Lease, underlay: &Underlay) -> Result<(), String> {
+    let env = SubnetEnv {
+        network: Some(cfg.cluster_cidr),
+        subnet: Some(lease.subnet),
+        mtu: Some(cfg.backend.pod_mtu(underlay.mtu)),
+        mode: Mode::parse(&cfg.mode),
+        network_name: Some(cfg.network_name.clone()),
+    };
+    let path = cfg.run_dir.join(weft_plugin::config::SUBNET_FILE);
+    env.write(&path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .and_then(|()| std::fs::write(state_file(cfg), format!("{}\n", lease.subnet)))
+        .map_err(|e| format!("writing {}: {e}", state_file(cfg).display()))
+}
+
+type View = Arc<Mutex<BTreeMap<String, Lease>>>;
+
+fn apply_list(view: &View, kvs: Vec<weft_store::KeyValue>) {
+    let mut v = view.lock().expect("not poisoned");
+    v.clear();
+    for kv in kvs {
+        if let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) {
+            v.insert(kv.key, l);
+        }
+    }
+}
+
+/// Keeps the view of all leases current: list, then watch from the list's revision; relist on
+/// compaction or when the watch gives up.
+async fn watch_leases<S: Store>(
+    store: Arc<S>,
+    view: View,
+    changed: Arc<Notify>,
+    synced: Arc<Notify>,
+) {
+    loop {
+        let rev = match store.list(LEASE_PREFIX).await {
+            Ok((kvs, rev)) => {
+                apply_list(&view, kvs);
+                changed.notify_one();
+                synced.notify_one();
+                rev
+            }
+            Err(e) => {
+                warn!("listing leases: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut events = store.watch(LEASE_PREFIX, rev);
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(weft_store::Event::Put(kv)) => {
+                    if let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) {
+                        view.lock().expect("not poisoned").insert(kv.key, l);
+                    }
+                    changed.notify_one();
+                }
+                Ok(weft_store::Event::Delete { key, .. }) => {
+                    view.lock().expect("not poisoned").remove(&key);
+                    changed.notify_one();
+                }
+                Err(StoreError::Compacted { .. }) => break,
+                Err(e) => {
+                    warn!("watching leases: {e}; listing again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Renews the lease every third of its TTL. If the store lost it (expired while the store or
+/// this agent was away), leases again, preferring the same subnet, and publishes the result.
+async fn keep_lease<S: Store>(
+    store: Arc<S>,
+    cfg: Config,
+    underlay: Underlay,
+    mut lease_id: LeaseId,
+    current: watch::Sender<Lease>,
+    m: Metrics,
+) {
+    let every = cfg.lease_ttl / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match store.keepalive(lease_id).await {
+            Ok(()) => {
+                m.lease_renewals.inc();
+            }
+            Err(StoreError::LeaseNotFound(_)) => {
+                m.lease_renew_errors.inc();
+                warn!("the store lost lease {lease_id}; leasing again");
+                let again = async {
+                    let id = store
+                        .grant(cfg.lease_ttl)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let l = acquire(&*store, &cfg, &underlay, id).await?;
+                    Ok::<_, String>((id, l))
+                };
+                match again.await {
+                    Ok((id, l)) => {
+                        lease_id = id;
+                        if l.subnet != current.borrow().subnet {
+                            error!(
+                                "this node's subnet changed to {} (the old one was taken)",
+                                l.subnet
+                            );
+                            if let Err(e) = write_subnet_env(&cfg, &l, &underlay) {
+                                error!("{e}");
+                            }
+                        }
+                        let _ = current.send(l);
+                    }
+                    Err(e) => error!("leasing again: {e}"),
+                }
+            }
+            Err(e) => {
+                // The store is away; the lease (and the datapath) stay as they are.
+                m.lease_renew_errors.inc();
+                warn!("renewing lease {lease_id}: {e}");
+            }
+        }
+    }
+}
+
+pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
+    let nl = Netlink::connect().map_err(|e| e.to_string())?;
+    let underlay = crate::underlay::detect(&nl, cfg.iface.as_deref()).await?;
+    info!(
+        "node {} underlay {} {} ({}), backend {}",
+        cfg.node_name,
+        underlay.name,
+        underlay.ip,
+        underlay.net,
+        cfg.backend.as_str()
+    );
+    if cfg.leave {
+        return leave(&cfg, &*store, &nl, &underlay).await;
+    }
+    let (m, registry) = Metrics::new();
+    let health = Arc::new(Health {
+        ready: false.into(),
+        registry: Mutex::new(registry),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", cfg.listen))?;
+    tokio::spawn(http::serve(listener, health.clone()));
+
+    let lease_id = store
+        .grant(cfg.lease_ttl)
+        .await
+        .map_err(|e| format!("granting a lease: {e}"))?;
+    let lease = acquire(&*store, &cfg, &underlay, lease_id).await?;
+    info!("leased {} (store lease {lease_id})", lease.subnet);
+    write_subnet_env(&cfg, &lease, &underlay)?;
+    weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
+
+    let (lease_tx, mut lease_rx) = watch::channel(lease);
+    tokio::spawn(keep_lease(
+        store.clone(),
+        cfg.clone(),
+        underlay.clone(),
+        lease_id,
+        lease_tx,
+        m.clone(),
+    ));
+    let view: View = Arc::default();
+    let changed = Arc::new(Notify::new());
+    let synced = Arc::new(Notify::new());
+    tokio::spawn(watch_leases(
+        store.clone(),
+        view.clone(),
+        changed.clone(),
+        synced.clone(),
+    ));
+    // The first reconcile waits for the full list: reconciling from a partial view would delete
+    // routes to peers not yet seen.
+    synced.notified().await;
+
+    let mut last_problems: Vec<String> = Vec::new();
+    let mut last_masq = Instant::now() - cfg.resync;
+    loop {
+        let local = lease_rx.borrow_and_update().clone();
+        let peers: Vec<Lease> = view
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let plan = backend::plan(cfg.backend, &local, &underlay, &peers);
+        if plan.problems != last_problems {
+            for p in &plan.problems {
+                warn!("{p}");
+            }
+            last_problems = plan.problems.clone();
+        }
+        m.peers
+            .set(peers.iter().filter(|l| l.node != local.node).count() as i64);
+        m.peer_problems.set(plan.problems.len() as i64);
+        let start = Instant::now();
+        m.reconciles.inc();
+        match reconcile(&nl, &plan, &underlay, cfg.cluster_cidr, local.subnet).await {
+            Ok(changes) => {
+                m.reconcile_changes.inc_by(changes as u64);
+                if changes > 0 {
+                    info!(
+                        "reconciled: {changes} change(s), {} peer route(s)",
+                        plan.routes.len()
+                    );
+                }
+                health.ready.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                m.reconcile_errors.inc();
+                error!("reconcile: {e}");
+            }
+        }
+        m.reconcile_seconds.observe(start.elapsed().as_secs_f64());
+        if last_masq.elapsed() >= cfg.resync {
+            last_masq = Instant::now();
+            match masq::ensure(cfg.cluster_cidr) {
+                Ok(true) => info!("masquerade table ip {} programmed", masq::TABLE),
+                Ok(false) => {}
+                Err(e) => error!("masquerade: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = lease_rx.changed() => {}
+            _ = tokio::time::sleep(cfg.resync) => {}
+        }
+    }
+}
+
+/// `weftd --leave`: give the subnet back and remove what the agent made on this node.
+async fn leave<S: Store>(
+    cfg: &Config,
+    store: &S,
+    nl: &Netlink,
+    underlay: &Underlay,
+) -> Result<(), String> {
+    let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
+    let mut released = None;
+    for kv in kvs {
+        if let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) {
+            if l.node == cfg.node_name
+                && store
+                    .cad(&kv.key, kv.mod_revision)
+                    .await
+                    .map_err(|e| e.to_string())?
+            {
+                released = Some(l);
+            }
+        }
+    }
+    let subnet = released
+        .as_ref()
+        .map(|l| l.subnet)
+        .or_else(|| previous_subnet(cfg));
+    if let Some(subnet) = subnet {
+        let local = Lease {
+            node: cfg.node_name.clone(),
+            subnet,
+            underlay_ip: underlay.ip,
+            backend: BackendKind::HostGw,
+            vtep_mac: None,
+        };
+        let empty = backend::plan(BackendKind::HostGw, &local, underlay, &[]);
+        reconcile(nl, &empty, underlay, cfg.cluster_cidr, subnet)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    masq::remove()?;
+    let _ = std::fs::remove_file(cfg.run_dir.join(weft_plugin::config::SUBNET_FILE));
+    let _ = std::fs::remove_file(state_file(cfg));
+    match released {
+        Some(l) => info!("left: released {}", l.subnet),
+        None => info!("left: this node held no lease"),
+    }
+    Ok(())
+}

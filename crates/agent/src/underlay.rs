@@ -1,0 +1,45 @@
+//! Finding the node's underlay interface, its IPv4 address and MTU.
+
+use crate::backend::Underlay;
+use ipnet::{IpNet, Ipv4Net};
+use weft_net::Netlink;
+
+pub async fn detect(nl: &Netlink, iface: Option<&str>) -> Result<Underlay, String> {
+    let link = match iface {
+        Some(name) => nl
+            .link(name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("--iface: no interface {name:?} on this node"))?,
+        None => {
+            let routes = nl.routes().await.map_err(|e| e.to_string())?;
+            let oif = routes
+                .iter()
+                .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some())
+                .and_then(|r| r.oif)
+                .ok_or("no default route to find the underlay interface by; give --iface")?;
+            let links = nl.links().await.map_err(|e| e.to_string())?;
+            links
+                .into_iter()
+                .find(|l| l.index == oif)
+                .ok_or_else(|| format!("the default route's interface #{oif} vanished"))?
+        }
+    };
+    let net = nl
+        .addresses(link.index)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find_map(|a| match a {
+            IpNet::V4(v4) => Some(v4),
+            IpNet::V6(_) => None,
+        })
+        .ok_or_else(|| format!("interface {} has no IPv4 address", link.name))?;
+    Ok(Underlay {
+        index: link.index,
+        name: link.name,
+        ip: net.addr(),
+        net: Ipv4Net::new(net.network(), net.prefix_len()).expect("valid"),
+        mtu: link.mtu,
+    })
+}
