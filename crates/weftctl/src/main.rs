@@ -19,6 +19,14 @@ enum Command {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`weftctl lab status | head`), like other command-line tools.
+    // SAFETY: resetting a signal to its default action before any thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Lab(args) => lab::run(args),

@@ -350,3 +350,60 @@ fn restart_drift_and_leave() {
         "node3 removed its own routes"
     );
 }
+
+#[test]
+fn etcd_outage_keeps_the_datapath_and_the_agents_catch_up() {
+    assert!(
+        Path::new("/usr/bin/etcd").exists(),
+        "/usr/bin/etcd is missing: scripts/install-deps.sh installs etcd-server"
+    );
+    let lab = Lab::new("etcd");
+    lab.ok(&[
+        "up",
+        "--nodes",
+        "3",
+        "--pods",
+        "1",
+        "--backend",
+        "vxlan",
+        "--store",
+        "etcd",
+    ]);
+    assert!(lab.ok(&["check"]).contains("9 passed, 0 failed"));
+    let n2 = pod_ip(&lab, "n2p1");
+    let mut stream = echo_stream(&lab, "n1p1", "n2p1", n2);
+
+    lab.ok(&["store", "stop"]);
+    // 30 s without the store: established streams and new connections keep working.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        assert!(
+            stream(),
+            "stream broke {:?} into the outage",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        lab.ok(&["check"]).contains("9 passed, 0 failed"),
+        "new connections during the outage"
+    );
+    lab.ok(&["store", "start"]);
+
+    // The agents catch up: a node leaving after the outage is dropped by its peers.
+    let s3 = lab.subnet("node3");
+    lab.ok(&["node", "leave", "node3"]);
+    for node in ["node1", "node2"] {
+        wait_for(
+            &format!("{node} to drop node3 after the outage"),
+            Duration::from_secs(15),
+            || lab.ip(node, &["route", "show", &s3]).trim().is_empty(),
+        );
+    }
+    assert!(stream(), "the stream outlived the outage");
+    // The survivors' leases outlived it too (etcd restores leases on restart).
+    assert!(!lab.subnet("node1").is_empty());
+    let log =
+        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+    assert!(!log.contains("this node's subnet changed"), "{log}");
+}

@@ -52,6 +52,9 @@ enum LabCommand {
     /// Restart a node's agent, or make the node leave the cluster.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Stop or start the lab's etcd (`--store etcd`), to see the datapath ride out an outage.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Run a command inside a pod's, node's, `fabric` or `outside` network namespace.
     Exec {
         target: String,
@@ -112,6 +115,12 @@ enum PodCommand {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    Stop,
+    Start,
+}
+
+#[derive(Subcommand)]
 enum NodeCommand {
     /// Stop the node's agent (SIGTERM, or SIGKILL with --kill) and start it again.
     Restart {
@@ -161,6 +170,29 @@ pub fn run(args: LabArgs) -> i32 {
             lab.with_state(|s| lab.restart_agent(s, &node, kill))
         }
         LabCommand::Node(NodeCommand::Leave { node }) => lab.with_state(|s| lab.leave(s, &node)),
+        LabCommand::Store(cmd) => lab.with_state(|s| {
+            if s.store != "etcd" {
+                return Err(
+                    "the lab's store is a SQLite file: there is no server to stop or start".into(),
+                );
+            }
+            match cmd {
+                StoreCommand::Stop => {
+                    stop_and_wait(s.etcd_pid.take(), nix::sys::signal::Signal::SIGTERM);
+                    Ok(())
+                }
+                StoreCommand::Start
+                    if s.etcd_pid
+                        .is_some_and(|p| Path::new("/proc").join(p.to_string()).exists()) =>
+                {
+                    Err("etcd is running already".into())
+                }
+                StoreCommand::Start => {
+                    s.etcd_pid = Some(lab.start_etcd(&s.fabric_netns.clone())?);
+                    Ok(())
+                }
+            }
+        }),
         LabCommand::Exec { target, command } => lab.exec(&target, &command),
         LabCommand::Responder { .. } => unreachable!("handled above"),
     };
