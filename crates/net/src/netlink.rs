@@ -152,14 +152,12 @@ impl Netlink {
             .execute();
         match s.try_next().await {
             Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
-            Err(e) => {
-                let e = Error::netlink(format!("looking up link {name}"), e);
-                if e.is_not_found() {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => benign(
+                Err(e),
+                || format!("looking up link {name}"),
+                Error::is_not_found,
+            )
+            .map(|_| None),
         }
     }
 
@@ -167,14 +165,12 @@ impl Netlink {
         let mut s = self.handle.link().get().match_index(index).execute();
         match s.try_next().await {
             Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
-            Err(e) => {
-                let e = Error::netlink(format!("looking up link #{index}"), e);
-                if e.is_not_found() {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => benign(
+                Err(e),
+                || format!("looking up link #{index}"),
+                Error::is_not_found,
+            )
+            .map(|_| None),
         }
     }
 
@@ -195,17 +191,11 @@ impl Netlink {
     /// gateway. Returns false if the bridge already existed.
     pub async fn add_bridge(&self, name: &str, mac: [u8; 6]) -> Result<bool, Error> {
         let msg = LinkBridge::new(name).address(mac.to_vec()).up().build();
-        match self.handle.link().add(msg).execute().await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let e = Error::netlink(format!("creating bridge {name}"), e);
-                if e.is_exists() {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        benign(
+            self.handle.link().add(msg).execute().await,
+            || format!("creating bridge {name}"),
+            Error::is_exists,
+        )
     }
 
     /// Creates an up VXLAN device with learning off. Fails with EEXIST if one of that name exists.
@@ -293,10 +283,12 @@ impl Netlink {
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
         msg.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
-        ignore_not_found(
+        benign(
             self.handle.neighbours().del(msg).execute().await,
-            format!("deleting fdb entry {}", crate::format_mac(&mac)),
+            || format!("deleting fdb entry {}", crate::format_mac(&mac)),
+            Error::is_not_found,
         )
+        .map(drop)
     }
 
     pub async fn del_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), Error> {
@@ -305,10 +297,12 @@ impl Netlink {
         msg.header.ifindex = index;
         msg.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        ignore_not_found(
+        benign(
             self.handle.neighbours().del(msg).execute().await,
-            format!("deleting neighbour {ip}"),
+            || format!("deleting neighbour {ip}"),
+            Error::is_not_found,
         )
+        .map(drop)
     }
 
     pub async fn add_veth(&self, spec: &VethSpec<'_>) -> Result<(), Error> {
@@ -391,54 +385,34 @@ impl Netlink {
     /// Deletes the link with this index (indexes are handed out cyclically, so unlike a name an
     /// index is not soon reused by a new link); returns false if it is already gone.
     pub async fn del_link_index(&self, index: u32) -> Result<bool, Error> {
-        match self.handle.link().del(index).execute().await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let e = Error::netlink(format!("deleting link #{index}"), e);
-                if e.is_not_found() {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        benign(
+            self.handle.link().del(index).execute().await,
+            || format!("deleting link #{index}"),
+            Error::is_not_found,
+        )
     }
 
     /// Deletes a link; returns false if there was none by that name.
     pub async fn del_link(&self, name: &str) -> Result<bool, Error> {
         let msg = LinkUnspec::new_with_name(name).build();
-        match self.handle.link().del_with_message(msg).execute().await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let e = Error::netlink(format!("deleting link {name}"), e);
-                if e.is_not_found() {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        benign(
+            self.handle.link().del_with_message(msg).execute().await,
+            || format!("deleting link {name}"),
+            Error::is_not_found,
+        )
     }
 
     /// Adds an address; an address already there is success (returns false).
     pub async fn add_address(&self, index: u32, name: &str, addr: IpNet) -> Result<bool, Error> {
-        match self
-            .handle
-            .address()
-            .add(index, addr.addr(), addr.prefix_len())
-            .execute()
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let e = Error::netlink(format!("adding address {addr} to {name}"), e);
-                if e.is_exists() {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        benign(
+            self.handle
+                .address()
+                .add(index, addr.addr(), addr.prefix_len())
+                .execute()
+                .await,
+            || format!("adding address {addr} to {name}"),
+            Error::is_exists,
+        )
     }
 
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, Error> {
@@ -497,23 +471,15 @@ impl Netlink {
     /// Adds a route unless one to the same destination exists (then returns false and leaves
     /// the existing one alone).
     pub async fn add_route(&self, r: &RouteSpec) -> Result<bool, Error> {
-        match self
-            .handle
-            .route()
-            .add(Self::route_message(r))
-            .execute()
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                let e = Error::netlink(format!("adding route {}", describe(r)), e);
-                if e.is_exists() {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        benign(
+            self.handle
+                .route()
+                .add(Self::route_message(r))
+                .execute()
+                .await,
+            || format!("adding route {}", describe(r)),
+            Error::is_exists,
+        )
     }
 
     /// IPv4 routes of the main table.
@@ -617,13 +583,19 @@ impl Netlink {
     }
 }
 
-fn ignore_not_found(r: Result<(), rtnetlink::Error>, op: String) -> Result<(), Error> {
+/// `Ok(true)` if the request succeeded, `Ok(false)` if the kernel refused it in a way the
+/// caller counts as success (`ok_if`: "not found" for deletes, "exists" for adds).
+fn benign(
+    r: Result<(), rtnetlink::Error>,
+    op: impl FnOnce() -> String,
+    ok_if: fn(&Error) -> bool,
+) -> Result<bool, Error> {
     match r {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) => {
-            let e = Error::netlink(op, e);
-            if e.is_not_found() {
-                Ok(())
+            let e = Error::netlink(op(), e);
+            if ok_if(&e) {
+                Ok(false)
             } else {
                 Err(e)
             }

@@ -346,6 +346,15 @@ impl Lab {
         )?;
         run_ip(&out, &["route", "add", "default", "via", "10.102.0.1"])?;
         in_netns(&fab, || weft_net::sysctl::set("net.ipv4.ip_forward", "1"))?;
+        // The fabric stands in for a physical switch, which runs no netfilter: where br_netfilter
+        // is loaded, bridged underlay frames would otherwise go through conntrack (a quarter of
+        // the bare underlay's throughput here). The sysctls exist only with br_netfilter.
+        let _ = in_netns(&fab, || {
+            for k in ["iptables", "ip6tables", "arptables"] {
+                weft_net::sysctl::set(&format!("net.bridge.bridge-nf-call-{k}"), "0")?;
+            }
+            Ok(())
+        });
         s.outside_responder_pid = Some(spawn_responder(&NamedNetns::path(&out), "outside")?);
 
         s.store_url = if a.store == "etcd" {
