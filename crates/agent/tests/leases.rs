@@ -78,39 +78,28 @@ async fn twenty_racing_agents_never_share_a_subnet() {
     assert_eq!(kvs.len(), 20);
 }
 
+/// `acquire` with a fresh 30 s store lease, as an agent does at start.
+async fn lease_30s(
+    store: &SqliteStore,
+    cfg: &weft_agent::config::Config,
+    u: u8,
+) -> weft_agent::lease::Lease {
+    let id = store.grant(Duration::from_secs(30)).await.unwrap();
+    acquire(store, cfg, &underlay(u), id).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_gets_its_subnet_back() {
     let d = tmp("restart");
     let store = Arc::new(SqliteStore::open(d.0.join("store.db")).await.unwrap());
     let cfg = config(&d.0, "node-a");
-    let first = acquire(
-        &*store,
-        &cfg,
-        &underlay(1),
-        store.grant(Duration::from_secs(30)).await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let first = lease_30s(&store, &cfg, 1).await;
     // Another node takes a subnet meanwhile.
     let other = config(&d.0, "node-b");
-    let b = acquire(
-        &*store,
-        &other,
-        &underlay(2),
-        store.grant(Duration::from_secs(30)).await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let b = lease_30s(&store, &other, 2).await;
     assert_ne!(b.subnet, first.subnet);
     // Restart (new store lease, old key still there): the same subnet, now on the new lease.
-    let again = acquire(
-        &*store,
-        &cfg,
-        &underlay(1),
-        store.grant(Duration::from_secs(30)).await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let again = lease_30s(&store, &cfg, 1).await;
     assert_eq!(again.subnet, first.subnet);
     let (kvs, _) = store.list(weft_agent::lease::LEASE_PREFIX).await.unwrap();
     assert_eq!(kvs.len(), 2, "re-attached, not duplicated");
@@ -133,13 +122,6 @@ async fn a_restarted_agent_gets_its_subnet_back() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let back = acquire(
-        &*store,
-        &cfg,
-        &underlay(1),
-        store.grant(Duration::from_secs(30)).await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let back = lease_30s(&store, &cfg, 1).await;
     assert_eq!(back.subnet, first.subnet);
 }

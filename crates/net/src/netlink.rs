@@ -144,34 +144,13 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>, Error> {
-        let mut s = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
-            Err(e) => benign(
-                Err(e),
-                || format!("looking up link {name}"),
-                Error::is_not_found,
-            )
-            .map(|_| None),
-        }
+        let req = self.handle.link().get().match_name(name.to_string());
+        first_link(req, || format!("looking up link {name}")).await
     }
 
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, Error> {
-        let mut s = self.handle.link().get().match_index(index).execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
-            Err(e) => benign(
-                Err(e),
-                || format!("looking up link #{index}"),
-                Error::is_not_found,
-            )
-            .map(|_| None),
-        }
+        let req = self.handle.link().get().match_index(index);
+        first_link(req, || format!("looking up link #{index}")).await
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, Error> {
@@ -580,6 +559,17 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+/// The one link a filtered GET returns; a missing one is `None`, not an error.
+async fn first_link(
+    req: rtnetlink::LinkGetRequest,
+    op: impl FnOnce() -> String,
+) -> Result<Option<Link>, Error> {
+    match req.execute().try_next().await {
+        Ok(m) => Ok(m.map(|m| Link::from_message(&m))),
+        Err(e) => benign(Err(e), op, Error::is_not_found).map(|_| None),
     }
 }
 
