@@ -190,8 +190,11 @@ fn write_subnet_env(cfg: &Config, lease: &Lease, underlay: &Underlay) -> Result<
     let path = cfg.run_dir.join(weft_plugin::config::SUBNET_FILE);
     env.write(&path)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    // Write-then-rename: a torn file would lose the subnet to take back after a restart.
+    let tmp = cfg.state_dir.join(".subnet.tmp");
     std::fs::create_dir_all(&cfg.state_dir)
-        .and_then(|()| std::fs::write(state_file(cfg), format!("{}\n", lease.subnet)))
+        .and_then(|()| std::fs::write(&tmp, format!("{}\n", lease.subnet)))
+        .and_then(|()| std::fs::rename(&tmp, state_file(cfg)))
         .map_err(|e| format!("writing {}: {e}", state_file(cfg).display()))
 }
 
@@ -233,9 +236,15 @@ async fn watch_leases<S: Store>(
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(weft_store::Event::Put(kv)) => {
-                    if let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) {
-                        view.lock().expect("not poisoned").insert(kv.key, l);
-                    }
+                    let mut v = view.lock().expect("not poisoned");
+                    match serde_json::from_slice::<Lease>(&kv.value) {
+                        Ok(l) => v.insert(kv.key, l),
+                        Err(e) => {
+                            warn!("lease {} is not valid JSON ({e}); ignoring it", kv.key);
+                            v.remove(&kv.key)
+                        }
+                    };
+                    drop(v);
                     changed.notify_one();
                 }
                 Ok(weft_store::Event::Delete { key, .. }) => {
@@ -245,11 +254,13 @@ async fn watch_leases<S: Store>(
                 Err(StoreError::Compacted { .. }) => break,
                 Err(e) => {
                     warn!("watching leases: {e}; listing again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
                 }
             }
         }
+        // The stream ended (compaction, an error, or a store that gave up): list again, without
+        // spinning if the store keeps failing.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -264,8 +275,12 @@ async fn keep_lease<S: Store>(
     m: Metrics,
 ) {
     let every = cfg.lease_ttl / 3;
+    // After a failed renewal, retry every second rather than every third of the TTL: a short store
+    // hiccup must not cost the lease (and let another node take the subnet).
+    let mut next = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(next).await;
+        next = every;
         match store.keepalive(lease_id).await {
             Ok(()) => {
                 m.lease_renewals.inc();
@@ -301,6 +316,7 @@ async fn keep_lease<S: Store>(
             Err(e) => {
                 // The store is away; the lease (and the datapath) stay as they are.
                 m.lease_renew_errors.inc();
+                next = Duration::from_secs(1).min(every);
                 warn!("renewing lease {lease_id}: {e}");
             }
         }
@@ -372,7 +388,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             .values()
             .cloned()
             .collect();
-        let plan = backend::plan(cfg.backend, &local, &underlay, &peers);
+        let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
         if plan.problems != last_problems {
             for p in &plan.problems {
                 warn!("{p}");
@@ -403,6 +419,10 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         m.reconcile_seconds.observe(start.elapsed().as_secs_f64());
         if last_masq.elapsed() >= cfg.resync {
             last_masq = Instant::now();
+            // Forwarding is part of the datapath the drift check keeps.
+            if let Err(e) = weft_net::sysctl::set("net.ipv4.ip_forward", "1") {
+                error!("{e}");
+            }
             match masq::ensure(cfg.cluster_cidr) {
                 Ok(true) => info!("masquerade table ip {} programmed", masq::TABLE),
                 Ok(false) => {}
@@ -411,7 +431,11 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         }
         tokio::select! {
             _ = changed.notified() => {}
-            _ = lease_rx.changed() => {}
+            changed = lease_rx.changed() => {
+                if changed.is_err() {
+                    return Err("the lease keeper stopped; exiting so that a supervisor restarts weftd".into());
+                }
+            }
             _ = tokio::time::sleep(cfg.resync) => {}
         }
     }
@@ -450,7 +474,7 @@ async fn leave<S: Store>(
             backend: BackendKind::HostGw,
             vtep_mac: None,
         };
-        let empty = backend::plan(BackendKind::HostGw, &local, underlay, &[]);
+        let empty = backend::plan(BackendKind::HostGw, cfg.cluster_cidr, &local, underlay, &[]);
         reconcile(nl, &empty, underlay, cfg.cluster_cidr, subnet)
             .await
             .map_err(|e| e.to_string())?;

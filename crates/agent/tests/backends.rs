@@ -97,7 +97,13 @@ fn apply(kind: BackendKind, node: &Node, peers: &[Lease]) -> usize {
     let netns = Netns::open(node.ns.path()).unwrap();
     rt.block_on(async {
         let nl = Netlink::connect_in(&netns).unwrap();
-        let plan = backend::plan(kind, &node.lease, &node.underlay, peers);
+        let plan = backend::plan(
+            kind,
+            "10.244.0.0/16".parse().unwrap(),
+            &node.lease,
+            &node.underlay,
+            peers,
+        );
         reconcile(
             &nl,
             &plan,

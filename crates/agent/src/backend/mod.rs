@@ -123,7 +123,13 @@ pub struct VxlanPlan {
 }
 
 /// The desired datapath for `local` given its peers. Pure: tested without a kernel.
-pub fn plan(kind: BackendKind, local: &Lease, underlay: &Underlay, peers: &[Lease]) -> Plan {
+pub fn plan(
+    kind: BackendKind,
+    cluster: Ipv4Net,
+    local: &Lease,
+    underlay: &Underlay,
+    peers: &[Lease],
+) -> Plan {
     let mut p = Plan::default();
     if kind.uses_vxlan() {
         p.vxlan = Some(VxlanPlan {
@@ -132,10 +138,25 @@ pub fn plan(kind: BackendKind, local: &Lease, underlay: &Underlay, peers: &[Leas
             mtu: underlay.mtu - VXLAN_OVERHEAD,
         });
     }
-    let mut peers: Vec<&Lease> = peers
-        .iter()
-        .filter(|l| l.node != local.node && l.subnet != local.subnet)
-        .collect();
+    let mut reachable: Vec<&Lease> = Vec::new();
+    for l in peers.iter().filter(|l| l.node != local.node) {
+        // A lease outside the cluster CIDR, or overlapping this node's subnet, is a configuration
+        // mismatch: routing it would fight the node's own pods (or never be cleaned up, since the
+        // reconciler owns only routes inside the cluster CIDR).
+        if !cluster.contains(&l.subnet)
+            || l.subnet.contains(&local.subnet)
+            || local.subnet.contains(&l.subnet)
+        {
+            p.problems.push(format!(
+                "peer {} leases {}, which is outside the cluster CIDR {cluster} or overlaps this \
+                 node's {}: ignored",
+                l.node, l.subnet, local.subnet
+            ));
+            continue;
+        }
+        reachable.push(l);
+    }
+    let mut peers = reachable;
     peers.sort_by_key(|l| l.subnet);
     for peer in peers {
         let adjacent = underlay.net.contains(&peer.underlay_ip);
@@ -187,6 +208,24 @@ mod tests {
         }
     }
 
+    fn cidr() -> Ipv4Net {
+        "10.244.0.0/16".parse().unwrap()
+    }
+
+    #[test]
+    fn leases_outside_the_cluster_or_overlapping_are_ignored() {
+        let local = lease("node1", "10.244.1.0/24", "10.100.0.1");
+        let peers = vec![
+            lease("stray", "10.9.0.0/24", "10.100.0.5"),
+            lease("overlap", "10.244.1.0/25", "10.100.0.6"),
+            lease("node2", "10.244.2.0/24", "10.100.0.2"),
+        ];
+        let p = plan(BackendKind::HostGw, cidr(), &local, &underlay(), &peers);
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
+        assert!(p.problems[0].contains("stray") && p.problems[1].contains("overlap"));
+    }
+
     fn underlay() -> Underlay {
         Underlay {
             index: 2,
@@ -208,7 +247,7 @@ mod tests {
     #[test]
     fn host_gw_routes_adjacent_peers_and_names_the_rest() {
         let local = lease("node1", "10.244.1.0/24", "10.100.0.1");
-        let p = plan(BackendKind::HostGw, &local, &underlay(), &peers());
+        let p = plan(BackendKind::HostGw, cidr(), &local, &underlay(), &peers());
         assert_eq!(
             p.routes,
             vec![PeerRoute {
@@ -225,7 +264,7 @@ mod tests {
     #[test]
     fn vxlan_programs_route_neighbour_and_fdb_per_peer() {
         let local = lease("node1", "10.244.1.0/24", "10.100.0.1");
-        let p = plan(BackendKind::Vxlan, &local, &underlay(), &peers());
+        let p = plan(BackendKind::Vxlan, cidr(), &local, &underlay(), &peers());
         let v = p.vxlan.as_ref().unwrap();
         assert_eq!(v.address.to_string(), "10.244.1.0/32");
         assert_eq!(v.mtu, 1450);
@@ -246,7 +285,13 @@ mod tests {
     #[test]
     fn directrouting_mixes() {
         let local = lease("node1", "10.244.1.0/24", "10.100.0.1");
-        let p = plan(BackendKind::DirectRouting, &local, &underlay(), &peers());
+        let p = plan(
+            BackendKind::DirectRouting,
+            cidr(),
+            &local,
+            &underlay(),
+            &peers(),
+        );
         let vias: Vec<_> = p
             .routes
             .iter()

@@ -418,9 +418,16 @@ impl Lab {
                 agent_pid: None,
                 responder_pid: None,
             };
-            node.agent_pid = Some(self.start_agent(s, &node, false)?);
-            node.responder_pid = Some(spawn_responder(&NamedNetns::path(&netns), &name)?);
+            // Recorded before anything is started for it, so that `down` after a failure stops
+            // whatever did start.
+            let agent = self.start_agent(s, &node, false);
+            node.agent_pid = agent.as_ref().ok().copied();
             s.nodes.push(node);
+            agent?;
+            let responder = spawn_responder(&NamedNetns::path(&netns), &name)?;
+            if let Some(n) = s.nodes.last_mut() {
+                n.responder_pid = Some(responder);
+            }
             self.save(s)?;
         }
         for node in s.nodes.clone() {
@@ -455,20 +462,24 @@ impl Lab {
             "lab=http://127.0.0.1:2380",
         ]);
         let pid = spawn_in(fabric, &mut cmd, log)?;
+        let fail = |e: String| {
+            stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
+            e
+        };
         // Ready when the client port answers (bounded).
         let deadline = Instant::now() + Duration::from_secs(15);
-        let ns = Netns::open(NamedNetns::path(fabric)).map_err(|e| e.to_string())?;
+        let ns = Netns::open(NamedNetns::path(fabric)).map_err(|e| fail(e.to_string()))?;
         let addr = SocketAddr::from(([10, 100, 0, 1], 2379));
         while ns
             .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| fail(e.to_string()))?
             .is_err()
         {
             if Instant::now() > deadline {
-                return Err(format!(
+                return Err(fail(format!(
                     "etcd did not come up; see {}",
                     self.dir.join("etcd.log").display()
-                ));
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -533,8 +544,24 @@ impl Lab {
         cmd.arg("--leave");
         let log = log_file(&node.dir.join("weftd.log"))?;
         let pid = spawn_in(&node.netns, &mut cmd, log)?;
-        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None)
-            .map_err(|e| format!("waiting for weftd --leave: {e}"))?;
+        // Bounded: a leave that cannot reach the store must not hang the lab.
+        let child = nix::unistd::Pid::from_raw(pid as i32);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            match nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
+                    return Err(format!(
+                        "weftd --leave on {name} did not finish within 30 s"
+                    ));
+                }
+                Ok(st) => break st,
+                Err(e) => return Err(format!("waiting for weftd --leave: {e}")),
+            }
+        };
         if let Some(n) = s.nodes.iter_mut().find(|n| n.name == name) {
             n.agent_pid = None;
         }
