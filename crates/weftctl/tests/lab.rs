@@ -199,11 +199,16 @@ fn host_gw_names_peers_it_cannot_reach() {
     ]);
     // node1 and node2 sit on different underlay subnets: no route is made (no black hole) and
     // the agent says why.
-    let log =
-        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
-    assert!(
-        log.contains("node2") && log.contains("not on the underlay subnet"),
-        "{log}"
+    // (node1's agent learns of node2 through its watch, so give it a moment.)
+    let log_path = lab.state_dir.join(&lab.name).join("node1/weftd.log");
+    let names_it = || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        log.contains("node2") && log.contains("not on the underlay subnet")
+    };
+    wait_for(
+        "node1's agent to name the unreachable peer",
+        Duration::from_secs(10),
+        names_it,
     );
     assert_eq!(
         lab.ip("node1", &["route", "show", "proto", "201"]).trim(),

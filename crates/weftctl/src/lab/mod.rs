@@ -178,7 +178,7 @@ pub fn run(args: LabArgs) -> i32 {
             }
             match cmd {
                 StoreCommand::Stop => {
-                    stop_and_wait(s.etcd_pid.take(), nix::sys::signal::Signal::SIGTERM);
+                    lab.stop_and_wait(s.etcd_pid.take(), nix::sys::signal::Signal::SIGTERM);
                     Ok(())
                 }
                 StoreCommand::Start
@@ -299,7 +299,7 @@ impl Lab {
         if let Err(e) = built {
             let _ = self.save(&s);
             eprintln!("weftctl lab: up failed ({e}); removing what was made");
-            let _ = self.down();
+            let _ = self.teardown(true);
             return Err(e);
         }
         eprintln!(
@@ -463,7 +463,7 @@ impl Lab {
         ]);
         let pid = spawn_in(fabric, &mut cmd, log)?;
         let fail = |e: String| {
-            stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
+            self.stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
             e
         };
         // Ready when the client port answers (bounded).
@@ -529,7 +529,7 @@ impl Lab {
         } else {
             nix::sys::signal::Signal::SIGTERM
         };
-        stop_and_wait(node.agent_pid, signal);
+        self.stop_and_wait(node.agent_pid, signal);
         let pid = self.start_agent(s, &node, true)?;
         if let Some(n) = s.nodes.iter_mut().find(|n| n.name == name) {
             n.agent_pid = Some(pid);
@@ -539,7 +539,7 @@ impl Lab {
 
     fn leave(&self, s: &mut LabState, name: &str) -> Result<()> {
         let node = s.node(name)?.clone();
-        stop_and_wait(node.agent_pid, nix::sys::signal::Signal::SIGTERM);
+        self.stop_and_wait(node.agent_pid, nix::sys::signal::Signal::SIGTERM);
         let mut cmd = self.agent_command(s, &node);
         cmd.arg("--leave");
         let log = log_file(&node.dir.join("weftd.log"))?;
@@ -553,7 +553,7 @@ impl Lab {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                    stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
+                    self.stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
                     return Err(format!(
                         "weftd --leave on {name} did not finish within 30 s"
                     ));
@@ -644,7 +644,7 @@ impl Lab {
             .position(|p| p.name == name)
             .ok_or_else(|| format!("no pod {name} in lab {:?}", self.name))?;
         let pod = s.pods.remove(i);
-        stop(pod.responder_pid);
+        self.stop(pod.responder_pid);
         let rt = RuntimeConf {
             container_id: pod.container_id.clone(),
             netns: NamedNetns::path(&pod.netns),
@@ -662,7 +662,53 @@ impl Lab {
         del.map_err(|e| format!("CNI DEL for pod {name}: {e}"))
     }
 
+    /// Whether `pid` is still a process of this lab: its command line names the lab's directory or
+    /// its namespaces. A pid from the state file may have been reused by something else.
+    fn owns(&self, pid: u32) -> bool {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        cmdline.contains(&format!("{}/", self.dir.display()))
+            || cmdline.contains(&format!("{NETNS_PREFIX}{}-", self.name))
+    }
+
+    fn stop(&self, pid: Option<u32>) {
+        if let Some(pid) = pid.filter(|p| self.owns(*p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Signals `pid` and waits (bounded, 5 s) for it to be gone, reaping it if it is our child.
+    fn stop_and_wait(&self, pid: Option<u32>, signal: nix::sys::signal::Signal) {
+        let Some(pid) = pid.filter(|p| self.owns(*p)) else {
+            return;
+        };
+        let p = nix::unistd::Pid::from_raw(pid as i32);
+        if nix::sys::signal::kill(p, signal).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            if nix::sys::signal::kill(p, None).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+    }
+
     fn down(&self) -> Result<i32> {
+        self.teardown(false)
+    }
+
+    /// Stops and removes everything; with `keep_logs` (a failed `up`), the lab directory is moved
+    /// to `<lab>.failed` instead of removed, so the logs an error points to are still there.
+    fn teardown(&self, keep_logs: bool) -> Result<i32> {
         let mut errors = Vec::new();
         if let Ok(mut s) = self.load() {
             for name in s.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
@@ -671,15 +717,21 @@ impl Lab {
                 }
             }
             for n in &s.nodes {
-                stop_and_wait(n.agent_pid, nix::sys::signal::Signal::SIGTERM);
-                stop(n.responder_pid);
+                self.stop_and_wait(n.agent_pid, nix::sys::signal::Signal::SIGTERM);
+                self.stop(n.responder_pid);
             }
-            stop(s.outside_responder_pid);
-            stop_and_wait(s.etcd_pid, nix::sys::signal::Signal::SIGTERM);
+            self.stop(s.outside_responder_pid);
+            self.stop_and_wait(s.etcd_pid, nix::sys::signal::Signal::SIGTERM);
         }
         // Whatever is left of this lab (a crashed `up`, a lost state file).
         for ns in NamedNetns::list(&format!("{NETNS_PREFIX}{}-", self.name)) {
             let _ = NamedNetns::delete(&ns);
+        }
+        let failed = self.dir.with_extension("failed");
+        let _ = std::fs::remove_dir_all(&failed);
+        if keep_logs {
+            let _ = std::fs::rename(&self.dir, &failed);
+            eprintln!("logs kept in {}", failed.display());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         if errors.is_empty() {
@@ -903,33 +955,6 @@ fn spawn_responder(netns: &Path, pod: &str) -> Result<u32> {
         .spawn()
         .map_err(|e| format!("starting the responder of {pod}: {e}"))?;
     Ok(child.id())
-}
-
-fn stop(pid: Option<u32>) {
-    if let Some(pid) = pid {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-}
-
-/// Signals `pid` and waits (bounded, 5 s) for it to be gone, reaping it if it is our child.
-fn stop_and_wait(pid: Option<u32>, signal: nix::sys::signal::Signal) {
-    let Some(pid) = pid else { return };
-    let p = nix::unistd::Pid::from_raw(pid as i32);
-    if nix::sys::signal::kill(p, signal).is_err() {
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        if nix::sys::signal::kill(p, None).is_err() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
 }
 
 fn pid_text(pid: Option<u32>) -> String {
