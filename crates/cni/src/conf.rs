@@ -56,20 +56,30 @@ pub struct Attachment {
     pub ifname: String,
 }
 
-/// Parses and validates the configuration a plugin reads from stdin.
-///
-/// Malformed JSON and values of the wrong type are code 6; missing or invalid required fields
-/// are code 7; an unsupported `cniVersion` is code 1.
-pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
-    let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+/// A network configuration (conf or conflist) as a JSON object; anything else is code 6.
+pub(crate) fn parse_object(bytes: &[u8]) -> Result<Value, CniError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         CniError::new(
             code::DECODE,
             format!("network configuration is not valid JSON: {e}"),
         )
     })?;
-    let obj = value.as_object().ok_or_else(|| {
-        CniError::new(code::DECODE, "network configuration must be a JSON object")
-    })?;
+    if !value.is_object() {
+        return Err(CniError::new(
+            code::DECODE,
+            "network configuration must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// Parses and validates the configuration a plugin reads from stdin.
+///
+/// Malformed JSON and values of the wrong type are code 6; missing or invalid required fields
+/// are code 7; an unsupported `cniVersion` is code 1.
+pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
+    let value = parse_object(stdin)?;
+    let obj = value.as_object().expect("parse_object checked");
 
     check_supported(required_str(obj, "cniVersion")?)?;
     validate_name(required_str(obj, "name")?)?;

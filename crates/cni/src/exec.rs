@@ -56,15 +56,8 @@ impl ConfList {
     /// Parses a .conflist, or a single plugin .conf (an object with "type"), which becomes a list
     /// of one plugin.
     pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            CniError::new(
-                code::DECODE,
-                format!("network configuration is not valid JSON: {e}"),
-            )
-        })?;
-        let obj = value.as_object().ok_or_else(|| {
-            CniError::new(code::DECODE, "network configuration must be a JSON object")
-        })?;
+        let value = crate::conf::parse_object(bytes)?;
+        let obj = value.as_object().expect("parse_object checked");
         let invalid = |msg: String| CniError::new(code::INVALID_CONFIG, msg);
 
         let plugins = match obj.get("plugins") {

@@ -218,36 +218,50 @@ impl Netlink {
 
     /// Permanent FDB entries (MAC, destination) on `index`.
     pub async fn fdb_entries(&self, index: u32) -> Result<Vec<([u8; 6], Ipv4Addr)>, Error> {
+        let entries = self
+            .permanent_entries(AddressFamily::Bridge, index, "listing fdb entries")
+            .await?;
+        Ok(entries.into_iter().map(|(ip, mac)| (mac, ip)).collect())
+    }
+
+    /// The permanent (IPv4 address, MAC) pairs of one neighbour table on `index`: the ARP table
+    /// for `Inet`, the FDB for `Bridge` (where the address is the VXLAN destination).
+    async fn permanent_entries(
+        &self,
+        family: AddressFamily,
+        index: u32,
+        op: &'static str,
+    ) -> Result<Vec<(Ipv4Addr, [u8; 6])>, Error> {
         let msgs: Vec<_> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Bridge)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
-            .map_err(|e| Error::netlink("listing fdb entries", e))?;
+            .map_err(|e| Error::netlink(op, e))?;
         let mut out = Vec::new();
         for m in msgs {
             if m.header.ifindex != index || m.header.state != NeighbourState::Permanent {
                 continue;
             }
-            let (mut mac, mut dst) = (None, None);
+            let (mut ip, mut mac) = (None, None);
             for a in &m.attributes {
                 match a {
                     NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                         mac = Some(<[u8; 6]>::try_from(&l[..]).expect("length checked"))
                     }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(*v4),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
                     // AF_BRIDGE entries carry NDA_DST as raw bytes.
                     NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                        dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                        ip = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
                     }
                     _ => {}
                 }
             }
-            if let (Some(mac), Some(dst)) = (mac, dst) {
-                out.push((mac, dst));
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((ip, mac));
             }
         }
         Ok(out)
@@ -528,37 +542,13 @@ impl Netlink {
 
     /// Permanent neighbour entries (IP, MAC) on `index`.
     pub async fn permanent_neighbours(&self, index: u32) -> Result<Vec<(IpAddr, [u8; 6])>, Error> {
-        let msgs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| Error::netlink("listing neighbours", e))?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.ifindex != index || m.header.state != NeighbourState::Permanent {
-                continue;
-            }
-            let mut ip = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                        ip = Some(IpAddr::V4(*v4))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                        mac = Some(<[u8; 6]>::try_from(&l[..]).expect("length checked"))
-                    }
-                    _ => {}
-                }
-            }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.push((ip, mac));
-            }
-        }
-        Ok(out)
+        let entries = self
+            .permanent_entries(AddressFamily::Inet, index, "listing neighbours")
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(ip, mac)| (IpAddr::V4(ip), mac))
+            .collect())
     }
 }
 

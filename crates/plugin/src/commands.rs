@@ -11,13 +11,20 @@ use weft_cni::result::{CniResult, Interface, IpConfig, Route};
 use weft_ipam::{Attachment, Pool, Request, Store};
 use weft_net::{Netlink, Netns};
 
+/// The `cniVersion` the runtime sent, read leniently (for VERSION and for rendering errors in
+/// the runtime's version even when the rest of the conf is bad).
+pub fn stdin_version(stdin: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()?
+        .get("cniVersion")?
+        .as_str()
+        .map(String::from)
+}
+
 /// Runs one plugin invocation; `Some(json)` is printed on stdout.
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     if env.command == Command::Version {
-        let v = serde_json::from_slice::<Value>(stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
-            .unwrap_or_else(|| weft_cni::LATEST_VERSION.to_string());
+        let v = stdin_version(stdin).unwrap_or_else(|| weft_cni::LATEST_VERSION.to_string());
         return Ok(Some(weft_cni::version::version_info(&v)));
     }
     let conf = weft_cni::conf::parse_conf(stdin)?;

@@ -20,9 +20,7 @@ fn main() {
         Ok(None) => {}
         Err(e) => {
             // Errors are reported in the version the runtime speaks when it can be read.
-            let version = serde_json::from_slice::<serde_json::Value>(&stdin)
-                .ok()
-                .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
+            let version = weft_plugin::commands::stdin_version(&stdin)
                 .filter(|v| weft_cni::version::is_supported(v))
                 .unwrap_or_else(|| weft_cni::LATEST_VERSION.to_string());
             let _ = writeln!(out, "{}", e.to_json(&version));
