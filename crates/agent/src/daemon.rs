@@ -400,7 +400,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         m.peer_problems.set(plan.problems.len() as i64);
         let start = Instant::now();
         m.reconciles.inc();
-        match reconcile(&nl, &plan, &underlay, cfg.cluster_cidr, local.subnet).await {
+        match reconcile(&nl, &plan, &underlay).await {
             Ok(changes) => {
                 m.reconcile_changes.inc_by(changes as u64);
                 if changes > 0 {
@@ -475,7 +475,7 @@ async fn leave<S: Store>(
             vtep_mac: None,
         };
         let empty = backend::plan(BackendKind::HostGw, cfg.cluster_cidr, &local, underlay, &[]);
-        reconcile(nl, &empty, underlay, cfg.cluster_cidr, subnet)
+        reconcile(nl, &empty, underlay)
             .await
             .map_err(|e| e.to_string())?;
     }

@@ -104,15 +104,7 @@ fn apply(kind: BackendKind, node: &Node, peers: &[Lease]) -> usize {
             &node.underlay,
             peers,
         );
-        reconcile(
-            &nl,
-            &plan,
-            &node.underlay,
-            "10.244.0.0/16".parse().unwrap(),
-            node.lease.subnet,
-        )
-        .await
-        .unwrap()
+        reconcile(&nl, &plan, &node.underlay).await.unwrap()
     })
 }
 
@@ -193,7 +185,7 @@ fn backend_round_trip(kind: BackendKind) {
     // The peer leaves: its route (and FDB, neighbour) go; the pod route of the node stays.
     let changed = apply(kind, &n1, &leases[..1]);
     assert!(changed >= 1);
-    assert_eq!(ip(&n1.ns, &["route", "show", "proto", "201"]).trim(), "");
+    assert_eq!(ip(&n1.ns, &["route", "show", "proto", "202"]).trim(), "");
     if kind == BackendKind::Vxlan {
         assert_eq!(
             ip(&n1.ns, &["neigh", "show", "dev", "weft.vxlan"]).trim(),

@@ -12,9 +12,14 @@ pub use error::Error;
 pub use netlink::{Link, Netlink, RouteSpec, VethSpec, VxlanSpec};
 pub use netns::{NamedNetns, Netns, ScratchNetns};
 
-/// Route protocol number that marks routes Weft installed (`ip route show proto 201`), so a sweep
-/// never touches routes that others made. Unassigned in iproute2's rt_protos.
+/// Route protocol number that marks the routes the CNI plugin installs for pods
+/// (`ip route show proto 201`), so a sweep never touches routes that others made. Unassigned in
+/// iproute2's rt_protos, like the next one.
 pub const ROUTE_PROTOCOL: u8 = 201;
+
+/// Route protocol number of the agent's routes to peer subnets (`ip route show proto 202`). Its
+/// own number, so the agent's reconciler owns exactly these and never mistakes a pod route for one.
+pub const PEER_ROUTE_PROTOCOL: u8 = 202;
 
 /// Formats a MAC address the way `ip link` prints it.
 pub fn format_mac(mac: &[u8]) -> String {

@@ -211,7 +211,7 @@ fn host_gw_names_peers_it_cannot_reach() {
         names_it,
     );
     assert_eq!(
-        lab.ip("node1", &["route", "show", "proto", "201"]).trim(),
+        lab.ip("node1", &["route", "show", "proto", "202"]).trim(),
         ""
     );
 }
@@ -289,7 +289,7 @@ fn restart_drift_and_leave() {
     let n2 = pod_ip(&lab, "n2p1");
     let mut stream = echo_stream(&lab, "n1p1", "n2p1", n2);
     assert!(stream(), "stream works before the restarts");
-    let routes_before = lab.ip("node1", &["route", "show", "proto", "201"]);
+    let routes_before = lab.ip("node1", &["route", "show", "proto", "202"]);
 
     // kill -9 both ends' agents and start them again while the stream runs.
     lab.ok(&["node", "restart", "node1", "--kill"]);
@@ -300,7 +300,7 @@ fn restart_drift_and_leave() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
-        lab.ip("node1", &["route", "show", "proto", "201"]),
+        lab.ip("node1", &["route", "show", "proto", "202"]),
         routes_before,
         "nothing was flushed"
     );
@@ -350,7 +350,7 @@ fn restart_drift_and_leave() {
     );
     assert!(stream(), "the other nodes' stream is untouched");
     assert_eq!(
-        lab.ip("node3", &["route", "show", "proto", "201"]).trim(),
+        lab.ip("node3", &["route", "show", "proto", "202"]).trim(),
         "",
         "node3 removed its own routes"
     );

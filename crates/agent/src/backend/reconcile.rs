@@ -6,22 +6,10 @@ use super::{Plan, Underlay, Via, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI};
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use weft_net::{Error, Netlink, RouteSpec, VxlanSpec, ROUTE_PROTOCOL};
-
-/// Which of the kernel's routes are the agent's: Weft's protocol, inside the cluster CIDR, and
-/// not inside this node's own subnet (those are the CNI plugin's per-pod routes).
-fn is_agent_route(r: &RouteSpec, cluster: Ipv4Net, local: Ipv4Net) -> bool {
-    r.protocol == ROUTE_PROTOCOL && cluster.contains(&r.dst) && !local.contains(&r.dst)
-}
+use weft_net::{Error, Netlink, RouteSpec, VxlanSpec, PEER_ROUTE_PROTOCOL};
 
 /// Applies `plan`; returns how many kernel objects it changed (0 when all was in place).
-pub async fn reconcile(
-    nl: &Netlink,
-    plan: &Plan,
-    underlay: &Underlay,
-    cluster: Ipv4Net,
-    local: Ipv4Net,
-) -> Result<usize, Error> {
+pub async fn reconcile(nl: &Netlink, plan: &Plan, underlay: &Underlay) -> Result<usize, Error> {
     let mut changes = 0;
     let vxlan_index = match &plan.vxlan {
         Some(v) => {
@@ -85,7 +73,7 @@ pub async fn reconcile(
         .routes()
         .await?
         .into_iter()
-        .filter(|r| is_agent_route(r, cluster, local))
+        .filter(|r| r.protocol == PEER_ROUTE_PROTOCOL)
         .collect();
     let key = |r: &RouteSpec| {
         (
@@ -108,7 +96,7 @@ pub async fn reconcile(
                 oif: Some(*oif),
                 scope_link: false,
                 onlink: *onlink,
-                protocol: ROUTE_PROTOCOL,
+                protocol: PEER_ROUTE_PROTOCOL,
             })
             .await?;
             changes += 1;
