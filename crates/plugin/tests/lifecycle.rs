@@ -279,6 +279,17 @@ fn a_bridge_name_taken_by_another_device_is_refused() {
     assert_eq!(node.ipam_records(), Vec::<String>::new());
 }
 
+/// Runs `weft reap-link INDEX NAME` by hand in the node's host namespace.
+fn run_reaper(node: &Node, index: &str, name: &str) {
+    let reaper = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.host.name])
+        .arg(weft_bin())
+        .args([weft_plugin::reap::ARG, index, name])
+        .status()
+        .unwrap();
+    assert!(reaper.success());
+}
+
 #[test]
 fn a_late_reaper_spares_the_readded_veth() {
     // DEL leaves the veth's deletion to a detached reaper. Make the reaper as late as it can be:
@@ -305,13 +316,7 @@ fn a_late_reaper_spares_the_readded_veth() {
         "asyncDelete=false deletes at once"
     );
     let r = node.add(&conf, &pod, "reap").unwrap();
-    let reaper = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.host.name])
-        .arg(weft_bin())
-        .args([weft_plugin::reap::ARG, &old_index, &hv])
-        .status()
-        .unwrap();
-    assert!(reaper.success());
+    run_reaper(&node, &old_index, &hv);
     assert_eq!(node.weft_veths(), vec![hv.clone()], "the new veth survives");
     let resp = Responder::start(&pod, result_ip(&r), 80, "survivor");
     assert_eq!(tcp_probe(&node.host, resp.addr).unwrap(), "survivor");
@@ -323,13 +328,7 @@ fn a_late_reaper_spares_the_readded_veth() {
         .next()
         .unwrap()
         .into();
-    let reaper = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.host.name])
-        .arg(weft_bin())
-        .args([weft_plugin::reap::ARG, &index, &hv])
-        .status()
-        .unwrap();
-    assert!(reaper.success());
+    run_reaper(&node, &index, &hv);
     assert_eq!(node.weft_veths(), Vec::<String>::new());
 }
 
