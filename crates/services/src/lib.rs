@@ -1,0 +1,135 @@
+//! Kubernetes Services on nftables, replacing kube-proxy: [`model`] reads Services and
+//! EndpointSlices, [`compile`] turns them into the variable part of Weft's table, [`render`]
+//! writes nft transactions, and [`Proxy`] applies them incrementally and cleans up conntrack.
+
+pub mod compile;
+pub mod conntrack;
+pub mod model;
+pub mod nft;
+pub mod render;
+
+pub use compile::{compile, NodeFacts, Ruleset};
+pub use model::{parse_all, Objects};
+
+use std::time::Instant;
+
+/// How a sync reached the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    /// Nothing differed.
+    Unchanged,
+    /// Only the differing chains and elements.
+    Incremental,
+    /// The whole table replaced (start-up, new node facts, or after a failed update).
+    Full,
+    /// Every chain and map rewritten in place (the periodic drift repair).
+    Repair,
+}
+
+#[derive(Debug)]
+pub struct SyncReport {
+    pub kind: SyncKind,
+    /// Bytes of nft input sent.
+    pub bytes: usize,
+    pub seconds: f64,
+    /// conntrack deletions run for UDP flows of removed endpoints.
+    pub conntrack_deletes: usize,
+    /// Set when an incremental update failed and a full sync repaired it.
+    pub recovered_from: Option<String>,
+}
+
+/// Keeps Weft's table equal to the latest ruleset. It remembers what it applied last, so each
+/// sync sends only the difference; any failure falls back to replacing the whole table.
+#[derive(Default)]
+pub struct Proxy {
+    applied: Option<(NodeFacts, Ruleset)>,
+}
+
+impl Proxy {
+    pub fn new() -> Proxy {
+        Proxy::default()
+    }
+
+    /// What was applied last (`None` before the first successful sync).
+    pub fn applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref().map(|(_, r)| r)
+    }
+
+    /// Makes the table match `rs`. UDP flows to endpoints that left are deleted from conntrack
+    /// after the table changed (so new packets already pick a live endpoint).
+    pub fn sync(&mut self, facts: &NodeFacts, rs: Ruleset) -> Result<SyncReport, String> {
+        let start = Instant::now();
+        let (kind, text, recovered_from) = match &self.applied {
+            Some((f, old)) if f == facts => {
+                let text = render::diff(old, &rs);
+                if text.is_empty() {
+                    (SyncKind::Unchanged, text, None)
+                } else {
+                    match nft::apply(&text) {
+                        Ok(()) => (SyncKind::Incremental, text, None),
+                        Err(e) => {
+                            let full = render::full(facts, &rs);
+                            nft::apply(&full)?;
+                            (SyncKind::Full, full, Some(e))
+                        }
+                    }
+                }
+            }
+            _ => {
+                let full = render::full(facts, &rs);
+                nft::apply(&full)?;
+                (SyncKind::Full, full, None)
+            }
+        };
+        let empty = Ruleset::default();
+        let old = self.applied.as_ref().map(|(_, r)| r).unwrap_or(&empty);
+        let deletes = conntrack::stale_udp(old, &rs);
+        let conntrack_deletes = deletes.len();
+        self.applied = Some((facts.clone(), rs));
+        let mut errors = Vec::new();
+        for d in &deletes {
+            if let Err(e) = conntrack::delete(d) {
+                errors.push(e);
+            }
+        }
+        if let Some(e) = errors.first() {
+            return Err(format!(
+                "the table is in sync, but cleaning up conntrack failed: {e}"
+            ));
+        }
+        Ok(SyncReport {
+            kind,
+            bytes: text.len(),
+            seconds: start.elapsed().as_secs_f64(),
+            conntrack_deletes,
+            recovered_from,
+        })
+    }
+
+    /// Rewrites every chain and map in place (drift repair), keeping affinity and counters.
+    pub fn repair(&mut self) -> Result<SyncReport, String> {
+        let Some((facts, rs)) = &self.applied else {
+            return Err("nothing applied yet".into());
+        };
+        let start = Instant::now();
+        let text = render::repair(facts, rs);
+        if let Err(e) = nft::apply(&text) {
+            let full = render::full(facts, rs);
+            nft::apply(&full)?;
+            return Ok(SyncReport {
+                kind: SyncKind::Full,
+                bytes: full.len(),
+                seconds: start.elapsed().as_secs_f64(),
+                conntrack_deletes: 0,
+                recovered_from: Some(e),
+            });
+        }
+        Ok(SyncReport {
+            kind: SyncKind::Repair,
+            bytes: text.len(),
+            seconds: start.elapsed().as_secs_f64(),
+            conntrack_deletes: 0,
+            recovered_from: None,
+        })
+    }
+}

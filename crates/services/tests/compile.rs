@@ -1,0 +1,296 @@
+//! The compiler and renderer, without a kernel: golden output for one of each kind of service,
+//! refusals of bad objects, endpoint choice, incremental diffs and UDP conntrack cleanup.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::net::Ipv4Addr;
+use weft_services::compile::{Frontend, HAIRPIN, NO_ENDPOINT_IPS, SERVICE_IPS, SERVICE_NODEPORTS};
+use weft_services::conntrack::{stale_udp, Delete};
+use weft_services::render;
+
+fn golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("WEFT_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (WEFT_BLESS=1 writes it)", path.display()));
+    assert!(
+        want == actual,
+        "{name} differs from the golden file (review, then WEFT_BLESS=1 to accept):\n{actual}"
+    );
+}
+
+#[test]
+fn golden_full_table() {
+    let rs = sample().compile();
+    assert!(rs.problems.is_empty(), "{:?}", rs.problems);
+    golden("full.nft", &render::full(&facts(), &rs));
+}
+
+#[test]
+fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
+    let rs = sample().compile();
+    let no = &rs.elements[NO_ENDPOINT_IPS];
+    assert_eq!(no["10.96.0.53 . udp . 53"], "goto reject-service");
+    assert_eq!(no["10.96.0.40 . tcp . 80"], "drop");
+    assert!(!rs.elements[SERVICE_IPS].contains_key("10.96.0.53 . udp . 53"));
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
+    let rs = sample().compile();
+    let id = "default/lb/tcp/443";
+    let ext = &rs.chains[&format!("ext/{id}")];
+    assert_eq!(ext[0], format!("ip saddr 10.244.0.0/16 goto svc/{id}"));
+    assert_eq!(ext[1], format!("fib saddr type local goto svc/{id}"));
+    assert_eq!(ext[2], format!("goto local/{id}"));
+    // Only the local endpoint, and no masquerade mark: the client's address is preserved.
+    assert_eq!(
+        rs.chains[&format!("local/{id}")],
+        vec![
+            format!("counter name \"count/{id}\""),
+            "meta l4proto tcp dnat ip to 10.244.1.6:8443".to_string()
+        ]
+    );
+    for key in ["192.0.2.20 . tcp . 443", "198.51.100.20 . tcp . 443"] {
+        assert_eq!(rs.elements[SERVICE_IPS][key], format!("goto ext/{id}"));
+    }
+    assert_eq!(
+        rs.elements[SERVICE_NODEPORTS]["tcp . 30443"],
+        format!("goto ext/{id}")
+    );
+    // The ClusterIP stays cluster-wide.
+    assert_eq!(
+        rs.elements[SERVICE_IPS]["10.96.0.20 . tcp . 443"],
+        format!("goto svc/{id}")
+    );
+    assert_eq!(rs.health[&31000], ("default/lb".to_string(), 1));
+}
+
+#[test]
+fn terminating_endpoints_only_when_none_is_ready() {
+    let rs = sample().compile();
+    assert_eq!(
+        rs.chains["svc/default/rolling/tcp/80"].last().unwrap(),
+        "meta l4proto tcp dnat ip to 10.244.2.9:80"
+    );
+    // With a ready endpoint beside it, the terminating one is not used.
+    let mut o = sample();
+    o.slice(slice(
+        "rolling-2",
+        "rolling",
+        "",
+        "TCP",
+        80,
+        &[ready("10.244.3.10", "node3")],
+    ));
+    let rs = o.compile();
+    assert_eq!(
+        rs.chains["svc/default/rolling/tcp/80"].last().unwrap(),
+        "meta l4proto tcp dnat ip to 10.244.3.10:80"
+    );
+}
+
+#[test]
+fn hairpin_only_for_local_endpoints() {
+    let rs = sample().compile();
+    let h: Vec<&String> = rs.elements[HAIRPIN].keys().collect();
+    assert_eq!(h, ["10.244.1.5 . 10.244.1.5", "10.244.1.6 . 10.244.1.6"]);
+}
+
+#[test]
+fn bad_services_are_named_and_the_rest_is_programmed() {
+    let mut o = sample();
+    o.svc(service(
+        "bad-ip",
+        json!({"clusterIP": "10.96.0.999", "ports": [{"port": 80}]}),
+    ));
+    o.svc(service(
+        "outside",
+        json!({"clusterIP": "192.168.0.1", "ports": [{"port": 80}]}),
+    ));
+    o.svc(service(
+        "dup",
+        json!({"clusterIP": "10.96.1.1",
+        "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}),
+    ));
+    o.svc(service(
+        "range",
+        json!({"clusterIP": "10.96.1.2", "ports": [{"port": 70000}]}),
+    ));
+    o.svc(service(
+        "proto",
+        json!({"clusterIP": "10.96.1.3", "ports": [{"port": 80, "protocol": "ICMP"}]}),
+    ));
+    o.services.insert(
+        "/registry/services/specs/default/junk".into(),
+        b"{not json".to_vec(),
+    );
+    // Same ClusterIP and port as web: the first (by name) keeps it.
+    o.svc(service(
+        "zz-clash",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}),
+    ));
+    let rs = o.compile();
+    let p = rs.problems.join("\n");
+    for want in [
+        "default/bad-ip: spec.clusterIP \"10.96.0.999\" is not an IP address",
+        "default/outside: spec.clusterIP 192.168.0.1 is outside the service CIDR 10.96.0.0/12",
+        "default/dup: spec.ports[1]: duplicate port 80/TCP (also spec.ports[0])",
+        "default/range: spec.ports[0].port 70000 is outside 1-65535",
+        "default/proto: spec.ports[0].protocol \"ICMP\" is not TCP, UDP or SCTP",
+        "default/junk: not a v1 Service",
+        "service default/zz-clash: 10.96.0.10:80/tcp is already service default/web's",
+    ] {
+        assert!(p.contains(want), "missing {want:?} in:\n{p}");
+    }
+    assert_eq!(rs.problems.len(), 7, "{p}");
+    // Everything else is exactly as without them.
+    let good = sample().compile();
+    assert_eq!(rs.chains, good.chains);
+    assert_eq!(rs.elements, good.elements);
+}
+
+#[test]
+fn one_endpoint_change_touches_one_chain() {
+    let before = sample().compile();
+    let mut o = sample();
+    o.slice(slice(
+        "web-1",
+        "web",
+        "http",
+        "TCP",
+        8080,
+        &[ready("10.244.1.5", "node1"), ready("10.244.2.5", "node2")],
+    ));
+    let after = o.compile();
+    let d = render::diff(&before, &after);
+    assert_eq!(
+        d,
+        "flush chain ip weft svc/default/web/http/tcp/80\n\
+         add rule ip weft svc/default/web/http/tcp/80 counter name \"count/default/web/http/tcp/80\"\n\
+         add rule ip weft svc/default/web/http/tcp/80 ip saddr != 10.244.0.0/16 fib saddr type != local meta mark set meta mark | 0x4000\n\
+         add rule ip weft svc/default/web/http/tcp/80 meta l4proto tcp dnat ip addr . port to numgen random mod 2 map { 0 : 10.244.1.5 . 8080, 1 : 10.244.2.5 . 8080 }\n"
+            .replace("/http/tcp", "/tcp")
+    );
+    assert_eq!(render::diff(&after, &after), "");
+}
+
+#[test]
+fn scaled_to_zero_and_back() {
+    let before = sample().compile();
+    let mut o = sample();
+    o.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
+    let zero = o.compile();
+    let d = render::diff(&before, &zero);
+    assert!(
+        d.contains("delete element ip weft service-ips { 10.96.0.10 . tcp . 80 }"),
+        "{d}"
+    );
+    assert!(
+        d.contains(
+            "add element ip weft no-endpoint-ips { 10.96.0.10 . tcp . 80 : goto reject-service }"
+        ),
+        "{d}"
+    );
+    assert!(
+        d.contains("delete element ip weft service-nodeports { tcp . 30080 }"),
+        "{d}"
+    );
+    assert!(
+        d.contains("delete chain ip weft svc/default/web/tcp/80"),
+        "{d}"
+    );
+    assert!(
+        d.contains("delete counter ip weft count/default/web/tcp/80"),
+        "{d}"
+    );
+    // Deletions of elements come before the chain they pointed to is deleted.
+    assert!(
+        d.find("delete element ip weft service-ips").unwrap() < d.find("delete chain").unwrap()
+    );
+    let back = render::diff(&zero, &before);
+    assert!(
+        back.contains("add chain ip weft svc/default/web/tcp/80"),
+        "{back}"
+    );
+    assert!(
+        back.find("add chain").unwrap() < back.find("add element ip weft service-ips").unwrap()
+    );
+}
+
+#[test]
+fn udp_endpoint_removal_deletes_its_flows() {
+    let mut o = sample();
+    o.slice(slice(
+        "dns-1",
+        "dns",
+        "dns",
+        "UDP",
+        53,
+        &[ready("10.244.1.53", "node1"), ready("10.244.2.53", "node2")],
+    ));
+    let two = o.compile();
+    // From no endpoint to two: every flow to the service address goes (they hit the reject).
+    let first = stale_udp(&sample().compile(), &two);
+    let vip: Ipv4Addr = "10.96.0.53".parse().unwrap();
+    assert_eq!(
+        first,
+        vec![Delete {
+            dst: Some(vip),
+            dport: 53,
+            endpoint: None
+        }]
+    );
+    o.slice(slice(
+        "dns-1",
+        "dns",
+        "dns",
+        "UDP",
+        53,
+        &[ready("10.244.1.53", "node1")],
+    ));
+    let one = o.compile();
+    assert_eq!(
+        stale_udp(&two, &one),
+        vec![Delete {
+            dst: Some(vip),
+            dport: 53,
+            endpoint: Some("10.244.2.53".parse().unwrap())
+        }]
+    );
+    assert_eq!(stale_udp(&one, &one), vec![]);
+    // TCP endpoints leaving need nothing: their connections end by themselves.
+    let mut t = sample();
+    t.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
+    assert_eq!(stale_udp(&sample().compile(), &t.compile()), vec![]);
+    assert_eq!(
+        one.ports["default/dns/udp/53"].frontends,
+        vec![Frontend::Ip(vip, 53)]
+    );
+}
+
+#[test]
+fn affinity_uses_per_endpoint_chains_and_timeout_sets() {
+    let rs = sample().compile();
+    let id = "default/sticky/tcp/80";
+    let chain = &rs.chains[&format!("svc/{id}")];
+    assert_eq!(
+        chain[2],
+        format!("ip saddr @aff/{id}/10.244.2.7/80/600 goto ep/{id}/10.244.2.7/80")
+    );
+    assert_eq!(
+        chain.last().unwrap(),
+        &format!("numgen random mod 2 vmap {{ 0 : goto ep/{id}/10.244.2.7/80, 1 : goto ep/{id}/10.244.3.7/80 }}")
+    );
+    assert_eq!(rs.sets[&format!("aff/{id}/10.244.3.7/80/600")], 600);
+    assert_eq!(
+        rs.chains[&format!("ep/{id}/10.244.3.7/80")][0],
+        format!("update @aff/{id}/10.244.3.7/80/600 {{ ip saddr }}")
+    );
+}

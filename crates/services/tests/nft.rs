@@ -1,0 +1,132 @@
+//! The rendered transactions against the real nft and kernel, in a scratch namespace: the full
+//! table loads, incremental updates apply and match a fresh full load, a hand-made deletion is
+//! repaired, and a failed update falls back to a full sync.
+
+mod common;
+
+use common::*;
+use weft_net::ScratchNetns;
+use weft_services::{nft, Proxy, SyncKind};
+
+const PREFIX: &str = "wtest-svc-";
+
+fn scratch(tag: &str) -> ScratchNetns {
+    assert!(
+        nix_is_root(),
+        "these tests program nftables in a network namespace and need root (CI runs as root)"
+    );
+    ScratchNetns::sweep(PREFIX);
+    ScratchNetns::new(PREFIX, tag).unwrap()
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+fn listing(ns: &ScratchNetns) -> String {
+    ns.netns
+        .run(|| nft::run("", &["list", "table", "ip", "weft"]))
+        .unwrap()
+        .unwrap()
+}
+
+/// The listing without counter values and affinity set contents, for comparing structure.
+fn structure(ns: &ScratchNetns) -> String {
+    listing(ns)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("packets "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn full_incremental_and_repair_agree_with_the_kernel() {
+    let ns = scratch("sync");
+    let fresh = scratch("fresh");
+    let mut proxy = Proxy::new();
+    let rs = sample().compile();
+    let r = ns
+        .netns
+        .run(|| proxy.sync(&facts(), rs.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.kind, SyncKind::Full);
+    let l = listing(&ns);
+    assert!(
+        l.contains("10.96.0.10 . tcp . 80 : goto svc/default/web/tcp/80"),
+        "{l}"
+    );
+    assert!(l.contains("dnat ip to numgen random mod 3 map"), "{l}");
+
+    // Scale web to one endpoint and drop the LB service: an incremental update.
+    let mut o = sample();
+    o.slice(slice(
+        "web-1",
+        "web",
+        "http",
+        "TCP",
+        8080,
+        &[ready("10.244.2.5", "node2")],
+    ));
+    o.services.remove("/registry/services/specs/default/lb");
+    let rs2 = o.compile();
+    let r = ns
+        .netns
+        .run(|| proxy.sync(&facts(), rs2.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.kind, SyncKind::Incremental, "{:?}", r.recovered_from);
+    let again = ns
+        .netns
+        .run(|| proxy.sync(&facts(), rs2.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.kind, SyncKind::Unchanged);
+    // The same table as loading the new ruleset from scratch.
+    let mut p2 = Proxy::new();
+    fresh
+        .netns
+        .run(|| p2.sync(&facts(), rs2.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(structure(&ns), structure(&fresh));
+    assert!(!listing(&ns).contains("default/lb"));
+
+    // Drift: an element and a chain's rules deleted by hand come back on repair.
+    ns.netns
+        .run(|| {
+            nft::apply(
+                "delete element ip weft service-ips { 10.96.0.10 . tcp . 80 }\n\
+                 flush chain ip weft svc/default/sticky/tcp/80\n",
+            )
+        })
+        .unwrap()
+        .unwrap();
+    assert_ne!(structure(&ns), structure(&fresh));
+    let r = ns.netns.run(|| proxy.repair()).unwrap().unwrap();
+    assert_eq!(r.kind, SyncKind::Repair);
+    assert_eq!(structure(&ns), structure(&fresh));
+
+    // An update the kernel refuses (web scaled to zero deletes its NodePort element, which was
+    // removed by hand) falls back to a full sync, which leaves the right table.
+    ns.netns
+        .run(|| nft::apply("delete element ip weft service-nodeports { tcp . 30080 }\n"))
+        .unwrap()
+        .unwrap();
+    let mut o = sample();
+    o.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
+    let rs3 = o.compile();
+    let r = ns
+        .netns
+        .run(|| proxy.sync(&facts(), rs3.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.kind, SyncKind::Full);
+    assert!(r.recovered_from.is_some());
+    let mut p3 = Proxy::new();
+    fresh.netns.run(|| p3.sync(&facts(), rs3)).unwrap().unwrap();
+    assert_eq!(structure(&ns), structure(&fresh));
+}
