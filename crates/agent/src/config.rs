@@ -56,6 +56,13 @@ pub struct Flags {
     /// Seconds between full drift checks (default 10).
     #[arg(long)]
     pub resync: Option<u64>,
+    /// The Service CIDR: ClusterIPs outside it are refused (default 10.96.0.0/12).
+    #[arg(long)]
+    pub service_cidr: Option<Ipv4Net>,
+    /// Seconds between rewrites of the whole Services table, which undo changes made by hand
+    /// (default 60; updates in between are incremental).
+    #[arg(long)]
+    pub services_repair: Option<u64>,
     /// Release this node's lease, remove what the agent made, and exit.
     #[arg(long)]
     #[serde(skip)]
@@ -77,6 +84,8 @@ pub struct Config {
     pub mode: String,
     pub network_name: String,
     pub resync: Duration,
+    pub service_cidr: Ipv4Net,
+    pub services_repair: Duration,
     pub leave: bool,
 }
 
@@ -105,7 +114,9 @@ impl Flags {
                 listen,
                 mode,
                 network_name,
-                resync
+                resync,
+                service_cidr,
+                services_repair
             );
         }
         let node_name = match self.node_name {
@@ -161,6 +172,21 @@ impl Flags {
         if !(1..=3600).contains(&resync) {
             return Err(format!("--resync: {resync} is not in 1..3600 seconds"));
         }
+        let service_cidr = self
+            .service_cidr
+            .unwrap_or("10.96.0.0/12".parse().expect("literal"))
+            .trunc();
+        if service_cidr.contains(&cluster_cidr.network()) || cluster_cidr.contains(&service_cidr.network()) {
+            return Err(format!(
+                "--service-cidr: {service_cidr} overlaps the cluster CIDR {cluster_cidr}"
+            ));
+        }
+        let services_repair = self.services_repair.unwrap_or(60);
+        if !(1..=3600).contains(&services_repair) {
+            return Err(format!(
+                "--services-repair: {services_repair} is not in 1..3600 seconds"
+            ));
+        }
         Ok(Config {
             node_name,
             cluster_cidr,
@@ -177,6 +203,8 @@ impl Flags {
             mode,
             network_name: self.network_name.unwrap_or_else(|| "weft".into()),
             resync: Duration::from_secs(resync),
+            service_cidr,
+            services_repair: Duration::from_secs(services_repair),
             leave: self.leave,
         })
     }
@@ -207,6 +235,8 @@ mod tests {
             (vec!["--mode", "tunnel"], "tunnel"),
             (vec!["--store", "mysql://x"], "mysql://x"),
             (vec!["--lease-ttl", "1"], "--lease-ttl"),
+            (vec!["--service-cidr", "10.244.0.0/12"], "--service-cidr"),
+            (vec!["--services-repair", "0"], "--services-repair"),
         ] {
             let mut a = vec!["--node-name", "n1"];
             a.extend(args);

@@ -1,5 +1,6 @@
 //! The agent's life: lease a subnet, write subnet.env, keep the lease alive, watch the peers'
-//! leases, and reconcile the backend and masquerade from them — on every change and on a timer.
+//! leases, and reconcile the backend from them — on every change and on a timer. The Services
+//! task (services.rs) keeps Weft's nft table, pod egress masquerade included.
 //!
 //! Restarts never disturb the datapath: nothing is flushed at start or exit; the first reconcile
 //! waits for the full peer list, then changes only what differs.
@@ -8,7 +9,6 @@ use crate::backend::{self, reconcile::reconcile, BackendKind, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::lease::{candidates, lease_key, Lease, LEASE_PREFIX};
-use crate::masq;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -198,53 +198,41 @@ fn write_subnet_env(cfg: &Config, lease: &Lease, underlay: &Underlay) -> Result<
         .map_err(|e| format!("writing {}: {e}", state_file(cfg).display()))
 }
 
-type View = Arc<Mutex<BTreeMap<String, Lease>>>;
+/// A store prefix mirrored in memory: key → value.
+pub type Mirror = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
 
-fn apply_list(view: &View, kvs: Vec<weft_store::KeyValue>) {
-    let mut v = view.lock().expect("not poisoned");
-    v.clear();
-    for kv in kvs {
-        if let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) {
-            v.insert(kv.key, l);
-        }
-    }
-}
-
-/// Keeps the view of all leases current: list, then watch from the list's revision; relist on
-/// compaction or when the watch gives up.
-async fn watch_leases<S: Store>(
+/// Keeps `view` equal to the store under `prefix`: list, then watch from the list's revision;
+/// list again after a compaction or when the watch gives up. `synced` fires after each full
+/// list, `changed` after every change.
+pub async fn mirror<S: Store>(
     store: Arc<S>,
-    view: View,
+    prefix: &'static str,
+    view: Mirror,
     changed: Arc<Notify>,
     synced: Arc<Notify>,
 ) {
     loop {
-        let rev = match store.list(LEASE_PREFIX).await {
+        let rev = match store.list(prefix).await {
             Ok((kvs, rev)) => {
-                apply_list(&view, kvs);
+                let mut v = view.lock().expect("not poisoned");
+                v.clear();
+                v.extend(kvs.into_iter().map(|kv| (kv.key, kv.value)));
+                drop(v);
                 changed.notify_one();
                 synced.notify_one();
                 rev
             }
             Err(e) => {
-                warn!("listing leases: {e}");
+                warn!("listing {prefix}: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        let mut events = store.watch(LEASE_PREFIX, rev);
+        let mut events = store.watch(prefix, rev);
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(weft_store::Event::Put(kv)) => {
-                    let mut v = view.lock().expect("not poisoned");
-                    match serde_json::from_slice::<Lease>(&kv.value) {
-                        Ok(l) => v.insert(kv.key, l),
-                        Err(e) => {
-                            warn!("lease {} is not valid JSON ({e}); ignoring it", kv.key);
-                            v.remove(&kv.key)
-                        }
-                    };
-                    drop(v);
+                    view.lock().expect("not poisoned").insert(kv.key, kv.value);
                     changed.notify_one();
                 }
                 Ok(weft_store::Event::Delete { key, .. }) => {
@@ -253,7 +241,7 @@ async fn watch_leases<S: Store>(
                 }
                 Err(StoreError::Compacted { .. }) => break,
                 Err(e) => {
-                    warn!("watching leases: {e}; listing again");
+                    warn!("watching {prefix}: {e}; listing again");
                     break;
                 }
             }
@@ -337,9 +325,11 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     if cfg.leave {
         return leave(&cfg, &*store, &nl, &underlay).await;
     }
-    let (m, registry) = Metrics::new();
+    let (m, mut registry) = Metrics::new();
+    let service_metrics = crate::services::Metrics::register(&mut registry);
     let health = Arc::new(Health {
         ready: false.into(),
+        services_ready: false.into(),
         registry: Mutex::new(registry),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -365,11 +355,19 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         lease_tx,
         m.clone(),
     ));
-    let view: View = Arc::default();
+    tokio::spawn(crate::services::run(
+        store.clone(),
+        cfg.clone(),
+        lease_rx.clone(),
+        service_metrics,
+        health.clone(),
+    ));
+    let view = Mirror::default();
     let changed = Arc::new(Notify::new());
     let synced = Arc::new(Notify::new());
-    tokio::spawn(watch_leases(
+    tokio::spawn(mirror(
         store.clone(),
+        LEASE_PREFIX,
         view.clone(),
         changed.clone(),
         synced.clone(),
@@ -379,14 +377,14 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     synced.notified().await;
 
     let mut last_problems: Vec<String> = Vec::new();
-    let mut last_masq = Instant::now() - cfg.resync;
+    let mut last_sysctl = Instant::now() - cfg.resync;
     loop {
         let local = lease_rx.borrow_and_update().clone();
         let peers: Vec<Lease> = view
             .lock()
             .expect("not poisoned")
             .values()
-            .cloned()
+            .filter_map(|v| serde_json::from_slice(v).ok())
             .collect();
         let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
         if plan.problems != last_problems {
@@ -417,16 +415,11 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             }
         }
         m.reconcile_seconds.observe(start.elapsed().as_secs_f64());
-        if last_masq.elapsed() >= cfg.resync {
-            last_masq = Instant::now();
+        if last_sysctl.elapsed() >= cfg.resync {
+            last_sysctl = Instant::now();
             // Forwarding is part of the datapath the drift check keeps.
             if let Err(e) = weft_net::sysctl::set("net.ipv4.ip_forward", "1") {
                 error!("{e}");
-            }
-            match masq::ensure(cfg.cluster_cidr) {
-                Ok(true) => info!("masquerade table ip {} programmed", masq::TABLE),
-                Ok(false) => {}
-                Err(e) => error!("masquerade: {e}"),
             }
         }
         tokio::select! {
@@ -479,7 +472,7 @@ async fn leave<S: Store>(
             .await
             .map_err(|e| e.to_string())?;
     }
-    masq::remove()?;
+    weft_services::nft::remove_table()?;
     let _ = std::fs::remove_file(cfg.run_dir.join(weft_plugin::config::SUBNET_FILE));
     let _ = std::fs::remove_file(state_file(cfg));
     match released {

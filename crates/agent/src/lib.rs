@@ -1,10 +1,11 @@
 //! weftd, the node agent: leases the node's pod subnet, connects the node to its peers with a
-//! backend, and masquerades pod traffic that leaves the cluster.
+//! backend, masquerades pod traffic that leaves the cluster, and programs Services (kube-proxy's
+//! job) into Weft's nft table.
 
 pub mod backend;
 pub mod config;
 pub mod daemon;
 mod http;
 pub mod lease;
-pub mod masq;
+mod services;
 mod underlay;

@@ -1,7 +1,7 @@
-//! `weftctl`: the operator CLI. Today it drives the lab; node status, leases, services and policy
-//! tracing come with the agent.
+//! `weftctl`: the operator CLI: the lab, and what a node programs for Services.
 
 mod lab;
+mod services;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// A Weft cluster made of network namespaces on this machine.
     Lab(lab::LabArgs),
+    /// Services as this node programs them: frontends, endpoints, connection counters.
+    Services(services::ServicesArgs),
 }
 
 fn main() {
@@ -30,6 +32,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Services(args) => services::run(args),
     };
     std::process::exit(code);
 }

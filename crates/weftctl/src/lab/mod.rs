@@ -9,12 +9,14 @@
 //! directory, one shared store) and its pods are namespaces wired by the real `weft` plugin. Each
 //! pod and the outside run a responder that answers with their name on TCP and UDP 80 and 81.
 
+mod objects;
 mod responder;
 mod state;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
 use state::{LabState, NodeState, PodState};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -55,6 +57,24 @@ enum LabCommand {
     /// Stop or start the lab's etcd (`--store etcd`), to see the datapath ride out an outage.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Write Service, EndpointSlice, Pod and Namespace manifests (YAML, several documents per
+    /// file) to the lab's store. A Pod that is not in the lab yet is created (on spec.nodeName,
+    /// or the node with the fewest pods). Services with a selector get EndpointSlices from the
+    /// matching pods.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects a manifest names (a Pod's lab pod too).
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// `weftctl services` on a node: services, endpoints, connection counters.
+    Services {
+        #[arg(default_value = "node1")]
+        node: String,
+    },
     /// Run a command inside a pod's, node's, `fabric` or `outside` network namespace.
     Exec {
         target: String,
@@ -108,6 +128,9 @@ enum PodCommand {
     Add {
         node: String,
         pod: String,
+        /// A label for the pod's Pod object, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     Del {
         pod: String,
@@ -134,6 +157,13 @@ enum NodeCommand {
 
 const NETNS_PREFIX: &str = "weftlab-";
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+
+fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
 
 fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
@@ -162,10 +192,20 @@ pub fn run(args: LabArgs) -> i32 {
         LabCommand::Down => lab.down(),
         LabCommand::Status => lab.status(),
         LabCommand::Check => lab.check(),
-        LabCommand::Pod(PodCommand::Add { node, pod }) => {
-            lab.with_state(|s| lab.add_pod(s, &node, &pod))
-        }
-        LabCommand::Pod(PodCommand::Del { pod }) => lab.with_state(|s| lab.del_pod(s, &pod)),
+        LabCommand::Pod(PodCommand::Add { node, pod, labels }) => lab.with_state(|s| {
+            lab.add_pod(s, &node, &pod, labels.into_iter().collect())?;
+            lab.publish_pods(s, &[pod.as_str()], &BTreeMap::new())
+        }),
+        LabCommand::Pod(PodCommand::Del { pod }) => lab.with_state(|s| {
+            lab.del_pod(s, &pod)?;
+            objects::session(s, |db| {
+                db.delete(&format!("/registry/pods/default/{pod}"))?;
+                objects::sync_endpoints(db).map(drop)
+            })
+        }),
+        LabCommand::Apply { file } => lab.with_state(|s| lab.apply(s, &file, false)),
+        LabCommand::Delete { file } => lab.with_state(|s| lab.apply(s, &file, true)),
+        LabCommand::Services { node } => lab.services(&node),
         LabCommand::Node(NodeCommand::Restart { node, kill }) => {
             lab.with_state(|s| lab.restart_agent(s, &node, kill))
         }
@@ -436,7 +476,9 @@ impl Lab {
         for node in s.nodes.clone() {
             for j in 1..=a.pods {
                 let pod = format!("{}p{j}", node.name.replace("node", "n"));
-                self.add_pod(s, &node.name, &pod)?;
+                let labels = BTreeMap::from([("app".to_string(), "lab".to_string())]);
+                self.add_pod(s, &node.name, &pod, labels)?;
+                self.publish_pods(s, &[pod.as_str()], &BTreeMap::new())?;
                 let ip = s.pods.last().map(|p| p.ip.to_string()).unwrap_or_default();
                 progress(&format!("pod {pod} on {}: {ip}", node.name));
                 self.save(s)?;
@@ -588,7 +630,13 @@ impl Lab {
         ConfList::parse(&text).map_err(|e| e.to_string())
     }
 
-    fn add_pod(&self, s: &mut LabState, node: &str, name: &str) -> Result<()> {
+    fn add_pod(
+        &self,
+        s: &mut LabState,
+        node: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
         if !valid_name(name, 20) {
             return Err(format!(
                 "pod name {name:?} must be 1-20 lowercase letters or digits"
@@ -632,6 +680,7 @@ impl Lab {
             ip,
             container_id: rt.container_id,
             responder_pid: Some(pid),
+            labels,
             result,
         });
         Ok(())
@@ -808,6 +857,8 @@ impl Lab {
             }
             println!();
         }
+        let (sp, sf) = self.check_services(&s)?;
+        let (passed, failed) = (passed + sp, failed + sf);
         println!("{passed} passed, {failed} failed");
         Ok(if failed == 0 { 0 } else { 1 })
     }

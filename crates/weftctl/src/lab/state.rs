@@ -43,6 +43,9 @@ pub struct PodState {
     pub ip: Ipv4Addr,
     pub container_id: String,
     pub responder_pid: Option<u32>,
+    /// The pod's labels (its Pod object in the store carries them; Service selectors match them).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The CNI result of ADD, handed back as prevResult on DEL.
     pub result: serde_json::Value,
 }

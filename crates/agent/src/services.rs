@@ -1,0 +1,275 @@
+//! Services: mirror the store's Services and EndpointSlices, compile them for this node, and keep
+//! Weft's nft table in step — incrementally on every change, rewritten in place on a timer (drift
+//! repair), replaced whole at start and after a failed update. Also answers the
+//! healthCheckNodePorts of externalTrafficPolicy Local services, as kube-proxy does.
+
+use crate::config::Config;
+use crate::daemon::{mirror, Mirror};
+use crate::http::{read_request, respond, Health};
+use crate::lease::Lease;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use weft_services::{compile, parse_all, NodeFacts, Proxy, SyncKind};
+use weft_store::Store;
+
+pub const SERVICES_PREFIX: &str = "/registry/services/specs/";
+pub const SLICES_PREFIX: &str = "/registry/endpointslices/";
+
+#[derive(Clone)]
+pub struct Metrics {
+    service_ports: Gauge,
+    problems: Gauge,
+    syncs: Counter,
+    full_syncs: Counter,
+    sync_errors: Counter,
+    sync_seconds: Histogram,
+    conntrack_deletes: Counter,
+}
+
+impl Metrics {
+    pub fn register(r: &mut Registry) -> Metrics {
+        let m = Metrics {
+            service_ports: Gauge::default(),
+            problems: Gauge::default(),
+            syncs: Counter::default(),
+            full_syncs: Counter::default(),
+            sync_errors: Counter::default(),
+            sync_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0]),
+            conntrack_deletes: Counter::default(),
+        };
+        r.register(
+            "service_ports",
+            "Service ports programmed",
+            m.service_ports.clone(),
+        );
+        r.register(
+            "service_problems",
+            "Services, slices or frontends left out (see the log)",
+            m.problems.clone(),
+        );
+        r.register("service_syncs", "Services table syncs that changed it", m.syncs.clone());
+        r.register(
+            "service_full_syncs",
+            "Syncs that replaced the whole Services table",
+            m.full_syncs.clone(),
+        );
+        r.register(
+            "service_sync_errors",
+            "Services table syncs that failed",
+            m.sync_errors.clone(),
+        );
+        r.register(
+            "service_sync_duration_seconds",
+            "Time per Services table sync (compile and nft)",
+            m.sync_seconds.clone(),
+        );
+        r.register(
+            "service_conntrack_deletes",
+            "conntrack deletions for UDP flows of departed endpoints",
+            m.conntrack_deletes.clone(),
+        );
+        m
+    }
+}
+
+type HealthState = Arc<Mutex<BTreeMap<u16, (String, usize)>>>;
+
+/// One listener per healthCheckNodePort: 200 with the local endpoint count while this node has
+/// endpoints for the service, 503 when it has none (so a load balancer skips the node).
+struct HealthPorts {
+    state: HealthState,
+    listeners: BTreeMap<u16, tokio::task::JoinHandle<()>>,
+}
+
+impl HealthPorts {
+    async fn update(&mut self, want: &BTreeMap<u16, (String, usize)>) {
+        *self.state.lock().expect("not poisoned") = want.clone();
+        self.listeners.retain(|port, task| {
+            let keep = want.contains_key(port);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for port in want.keys() {
+            if self.listeners.contains_key(port) {
+                continue;
+            }
+            match tokio::net::TcpListener::bind(("0.0.0.0", *port)).await {
+                Ok(l) => {
+                    let state = self.state.clone();
+                    let port = *port;
+                    self.listeners
+                        .insert(port, tokio::spawn(serve_health(l, port, state)));
+                }
+                Err(e) => warn!("healthCheckNodePort {port} ({}): {e}", want[port].0),
+            }
+        }
+    }
+}
+
+async fn serve_health(listener: tokio::net::TcpListener, port: u16, state: HealthState) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if read_request(&mut conn).await.is_none() {
+                return;
+            }
+            let entry = state.lock().expect("not poisoned").get(&port).cloned();
+            let Some((service, local)) = entry else {
+                return;
+            };
+            let (ns, name) = service.split_once('/').unwrap_or(("", &service));
+            let body = serde_json::json!({
+                "service": {"namespace": ns, "name": name},
+                "localEndpoints": local,
+                "serviceProxyHealthy": true,
+            })
+            .to_string();
+            let status = if local > 0 {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            respond(&mut conn, status, "application/json", &body).await;
+        });
+    }
+}
+
+/// The Services loop. Waits for full lists of both prefixes first: syncing from a partial view
+/// would drop services that are merely not read yet.
+pub async fn run<S: Store>(
+    store: Arc<S>,
+    cfg: Config,
+    mut lease: watch::Receiver<Lease>,
+    m: Metrics,
+    health: Arc<Health>,
+) {
+    let services = Mirror::default();
+    let slices = Mirror::default();
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let synced_services = Arc::new(tokio::sync::Notify::new());
+    let synced_slices = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(mirror(
+        store.clone(),
+        SERVICES_PREFIX,
+        services.clone(),
+        changed.clone(),
+        synced_services.clone(),
+    ));
+    tokio::spawn(mirror(
+        store,
+        SLICES_PREFIX,
+        slices.clone(),
+        changed.clone(),
+        synced_slices.clone(),
+    ));
+    synced_services.notified().await;
+    synced_slices.notified().await;
+
+    let mut proxy = Some(Proxy::new());
+    let mut health_ports = HealthPorts {
+        state: Arc::default(),
+        listeners: BTreeMap::new(),
+    };
+    let mut last_problems: Vec<String> = Vec::new();
+    let mut last_repair = Instant::now();
+    loop {
+        let facts = NodeFacts {
+            node: cfg.node_name.clone(),
+            cluster_cidr: cfg.cluster_cidr,
+            local_subnet: lease.borrow_and_update().subnet,
+        };
+        let objects = {
+            let s = services.lock().expect("not poisoned");
+            let e = slices.lock().expect("not poisoned");
+            parse_all(&s, &e, cfg.service_cidr)
+        };
+        let start = Instant::now();
+        let rs = compile(&facts, &objects);
+        if rs.problems != last_problems {
+            for p in rs.problems.iter().filter(|p| !last_problems.contains(p)) {
+                warn!("{p}");
+            }
+            last_problems = rs.problems.clone();
+        }
+        m.problems.set(rs.problems.len() as i64);
+        m.service_ports.set(rs.ports.len() as i64);
+        health_ports.update(&rs.health).await;
+        let repair = last_repair.elapsed() >= cfg.services_repair;
+        let mut p = proxy.take().expect("the proxy is put back after each sync");
+        let (p, outcome) = tokio::task::spawn_blocking(move || {
+            let mut r = p.sync(&facts, rs);
+            if repair && r.is_ok() {
+                r = p.repair();
+            }
+            (p, r)
+        })
+        .await
+        .expect("the sync thread does not panic");
+        proxy = Some(p);
+        if repair {
+            last_repair = Instant::now();
+        }
+        m.sync_seconds.observe(start.elapsed().as_secs_f64());
+        let failed = outcome.is_err();
+        match outcome {
+            Ok(r) => {
+                health.services_ready.store(true, Ordering::Relaxed);
+                m.conntrack_deletes.inc_by(r.conntrack_deletes as u64);
+                if r.kind != SyncKind::Unchanged && r.kind != SyncKind::Repair {
+                    m.syncs.inc();
+                }
+                if r.kind == SyncKind::Full {
+                    m.full_syncs.inc();
+                }
+                if let Some(e) = &r.recovered_from {
+                    warn!("services: an incremental update failed ({e}); replaced the table");
+                }
+                if matches!(r.kind, SyncKind::Full | SyncKind::Incremental) {
+                    info!(
+                        "services: {:?} sync, {} service port(s), {} bytes of nft, {:.1} ms, {} conntrack deletion(s)",
+                        r.kind,
+                        objects.services.iter().map(|s| s.ports.len()).sum::<usize>(),
+                        r.bytes,
+                        r.seconds * 1e3,
+                        r.conntrack_deletes
+                    );
+                }
+            }
+            Err(e) => {
+                m.sync_errors.inc();
+                error!("services: {e}");
+            }
+        }
+        // After a failure, try again soon rather than at the next change.
+        let wait = if failed {
+            Duration::from_secs(1)
+        } else {
+            cfg.services_repair.saturating_sub(last_repair.elapsed())
+        };
+        tokio::select! {
+            _ = changed.notified() => {
+                // A burst of changes (a rollout touches many slices) becomes one sync.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r = lease.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! Kubernetes objects in the lab: `weftctl lab apply -f` / `delete -f` write ordinary Service,
+//! EndpointSlice, Pod and Namespace manifests to the store, and a small endpoint controller
+//! derives EndpointSlices from the lab's Pods for every Service with a selector, as
+//! kube-controller-manager would.
+
+use super::state::{LabState, PodState};
+use super::Result;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use weft_net::{NamedNetns, Netns};
+use weft_store::{AnyStore, Store};
+
+pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+pub const CONTROLLER: &str = "weftctl-lab";
+
+/// A synchronous handle on the lab's store, used from inside the fabric namespace (where the
+/// lab's etcd listens).
+pub struct Session {
+    rt: tokio::runtime::Runtime,
+    store: AnyStore,
+}
+
+impl Session {
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let (kvs, _) = self
+            .rt
+            .block_on(self.store.list(prefix))
+            .map_err(|e| format!("listing {prefix}: {e}"))?;
+        Ok(kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
+    }
+
+    pub fn put(&self, key: &str, value: &Value) -> Result<()> {
+        let bytes = serde_json::to_vec(value).expect("serializable");
+        self.rt
+            .block_on(self.store.put(key, &bytes, None))
+            .map(|_| ())
+            .map_err(|e| format!("writing {key}: {e}"))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.rt
+            .block_on(self.store.delete(key))
+            .map_err(|e| format!("deleting {key}: {e}"))
+    }
+}
+
+/// Runs `f` with a store session opened from inside the fabric namespace.
+pub fn session<T: Send>(s: &LabState, f: impl FnOnce(&Session) -> Result<T> + Send) -> Result<T> {
+    let ns = Netns::open(NamedNetns::path(&s.fabric_netns)).map_err(|e| e.to_string())?;
+    let url = s.store_url.clone();
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let store = rt
+            .block_on(AnyStore::open(&url))
+            .map_err(|e| format!("opening the lab's store {url}: {e}"))?;
+        f(&Session { rt, store })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// One manifest document, checked and placed.
+pub struct Manifest {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
+    pub value: Value,
+}
+
+fn key_for(kind: &str, namespace: &str, name: &str) -> Option<String> {
+    Some(match kind {
+        "Service" => format!("/registry/services/specs/{namespace}/{name}"),
+        "EndpointSlice" => format!("/registry/endpointslices/{namespace}/{name}"),
+        "Pod" => format!("/registry/pods/{namespace}/{name}"),
+        "Namespace" => format!("/registry/namespaces/{name}"),
+        _ => return None,
+    })
+}
+
+/// Parses a multi-document YAML (or JSON) file. Each document is checked by deserializing it as
+/// its kind's standard type; errors name the document and the field.
+pub fn parse_manifests(text: &str, file: &str) -> Result<Vec<Manifest>> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let where_ = format!("{file} document {}", i + 1);
+        let v: Value = Value::deserialize(doc).map_err(|e| format!("{where_}: {e}"))?;
+        if v.is_null() {
+            continue; // an empty document (a trailing `---`)
+        }
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let api = v["apiVersion"].as_str().unwrap_or_default();
+        let expected = match kind.as_str() {
+            "Service" | "Pod" | "Namespace" => "v1",
+            "EndpointSlice" => "discovery.k8s.io/v1",
+            "" => return Err(format!("{where_}: kind is missing")),
+            k => {
+                return Err(format!(
+                    "{where_}: kind {k:?} is not one the lab takes (Service, EndpointSlice, Pod, Namespace)"
+                ))
+            }
+        };
+        if api != expected {
+            return Err(format!(
+                "{where_}: apiVersion {api:?} for a {kind} (expected {expected})"
+            ));
+        }
+        let check = |r: std::result::Result<(), serde_json::Error>| {
+            r.map_err(|e| format!("{where_} ({kind}): {e}"))
+        };
+        match kind.as_str() {
+            "Service" => check(serde_json::from_value::<Service>(v.clone()).map(drop))?,
+            "EndpointSlice" => check(serde_json::from_value::<EndpointSlice>(v.clone()).map(drop))?,
+            "Pod" => check(serde_json::from_value::<Pod>(v.clone()).map(drop))?,
+            _ => check(serde_json::from_value::<Namespace>(v.clone()).map(drop))?,
+        }
+        let name = v["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("{where_}: metadata.name is missing"))?
+            .to_string();
+        let namespace = v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let mut value = v;
+        if kind != "Namespace" {
+            value["metadata"]["namespace"] = json!(namespace);
+        }
+        let key = key_for(&kind, &namespace, &name).expect("kind checked above");
+        out.push(Manifest {
+            kind,
+            namespace,
+            name,
+            key,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The Pod object the lab stores for one of its pods: the manifest's metadata and spec if it
+/// came from one, with the node, address and readiness the lab knows.
+pub fn pod_object(p: &PodState, from: Option<&Value>) -> Value {
+    let mut v = from.cloned().unwrap_or_else(|| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": p.name, "namespace": "default"},
+               "spec": {"containers": [{"name": "responder", "image": "weft-lab/responder",
+                   "ports": [{"name": "http", "containerPort": 80},
+                             {"name": "alt", "containerPort": 81},
+                             {"name": "dns", "containerPort": 80, "protocol": "UDP"}]}]}})
+    });
+    if !p.labels.is_empty() || v["metadata"]["labels"].is_null() {
+        v["metadata"]["labels"] = json!(p.labels);
+    }
+    v["metadata"]["namespace"] = json!("default");
+    v["spec"]["nodeName"] = json!(p.node);
+    let ready = !v["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "False");
+    v["status"] = json!({
+        "phase": "Running",
+        "podIP": p.ip.to_string(),
+        "podIPs": [{"ip": p.ip.to_string()}],
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+    });
+    v
+}
+
+fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
+    let empty = BTreeMap::new();
+    let labels = labels.unwrap_or(&empty);
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The EndpointSlices the endpoint controller wants, from the stored Services and Pods.
+pub fn desired_slices(services: &[(String, Vec<u8>)], pods: &[(String, Vec<u8>)]) -> BTreeMap<String, Value> {
+    let pods: Vec<Pod> = pods
+        .iter()
+        .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+        .collect();
+    let mut out = BTreeMap::new();
+    for (_, v) in services {
+        let Ok(svc) = serde_json::from_slice::<Service>(v) else {
+            continue;
+        };
+        let (Some(name), Some(spec)) = (svc.metadata.name.clone(), svc.spec.as_ref()) else {
+            continue;
+        };
+        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let ports = spec.ports.clone().unwrap_or_default();
+        // Pods grouped by how the service's ports resolve on them (a named targetPort may be a
+        // different number on different pods): one slice per group.
+        let mut groups: BTreeMap<Vec<(String, String, i32)>, Vec<Value>> = BTreeMap::new();
+        let mut members: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns)
+            .filter(|p| matches(selector, p.metadata.labels.as_ref()))
+            .collect();
+        members.sort_by_key(|p| p.metadata.name.clone());
+        for pod in members {
+            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+                continue;
+            };
+            let resolved: Vec<(String, String, i32)> = ports
+                .iter()
+                .filter_map(|sp| {
+                    let proto = sp.protocol.clone().unwrap_or_else(|| "TCP".into());
+                    let number = match &sp.target_port {
+                        None => Some(sp.port),
+                        Some(IntOrString::Int(n)) => Some(*n),
+                        Some(IntOrString::String(named)) => pod
+                            .spec
+                            .iter()
+                            .flat_map(|s| &s.containers)
+                            .flat_map(|c| c.ports.iter().flatten())
+                            .find(|cp| cp.name.as_deref() == Some(named.as_str()))
+                            .map(|cp| cp.container_port),
+                    }?;
+                    Some((sp.name.clone().unwrap_or_default(), proto, number))
+                })
+                .collect();
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let terminating = pod.metadata.deletion_timestamp.is_some();
+            groups.entry(resolved).or_default().push(json!({
+                "addresses": [ip],
+                "nodeName": pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                "targetRef": {"kind": "Pod", "namespace": ns, "name": pod.metadata.name},
+                "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
+            }));
+        }
+        if groups.is_empty() {
+            // A service whose selector matches nothing still gets an (empty) slice.
+            groups.insert(Vec::new(), Vec::new());
+        }
+        for (i, (ports, endpoints)) in groups.into_iter().enumerate() {
+            let slice_name = format!("{name}-lab-{i}");
+            let ports: Vec<Value> = ports
+                .iter()
+                .map(|(n, proto, port)| json!({"name": n, "protocol": proto, "port": port}))
+                .collect();
+            out.insert(
+                format!("/registry/endpointslices/{ns}/{slice_name}"),
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": slice_name, "namespace": ns,
+                                    "labels": {"kubernetes.io/service-name": name, MANAGED_BY: CONTROLLER}},
+                       "addressType": "IPv4", "ports": ports, "endpoints": endpoints}),
+            );
+        }
+    }
+    out
+}
+
+/// One pass of the endpoint controller: writes the slices that differ, deletes its own slices
+/// that are no longer wanted. Returns the number of changes.
+pub fn sync_endpoints(db: &Session) -> Result<usize> {
+    let services = db.list("/registry/services/specs/")?;
+    let pods = db.list("/registry/pods/")?;
+    let want = desired_slices(&services, &pods);
+    let have = db.list("/registry/endpointslices/")?;
+    let mut changes = 0;
+    for (key, v) in &have {
+        let ours = serde_json::from_slice::<Value>(v)
+            .is_ok_and(|v| v["metadata"]["labels"][MANAGED_BY] == CONTROLLER);
+        if ours && !want.contains_key(key) {
+            db.delete(key)?;
+            changes += 1;
+        }
+    }
+    for (key, v) in &want {
+        let same = have
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, old)| serde_json::from_slice::<Value>(old).ok())
+            .is_some_and(|old| old == *v);
+        if !same {
+            db.put(key, v)?;
+            changes += 1;
+        }
+    }
+    Ok(changes)
+}
+
+impl super::Lab {
+    /// Stores the Pod objects of the named lab pods (`manifests`: pod name → the applied Pod
+    /// manifest, if any) and runs the endpoint controller.
+    pub(super) fn publish_pods(
+        &self,
+        s: &LabState,
+        names: &[&str],
+        manifests: &BTreeMap<String, Value>,
+    ) -> Result<()> {
+        let objects: Vec<(String, Value)> = names
+            .iter()
+            .filter_map(|n| s.pods.iter().find(|p| p.name == *n))
+            .map(|p| {
+                (
+                    format!("/registry/pods/default/{}", p.name),
+                    pod_object(p, manifests.get(&p.name)),
+                )
+            })
+            .collect();
+        session(s, |db| {
+            for (k, v) in &objects {
+                db.put(k, v)?;
+            }
+            sync_endpoints(db).map(drop)
+        })
+    }
+
+    /// `apply -f` (or `delete -f` with `delete`).
+    pub(super) fn apply(&self, s: &mut LabState, file: &std::path::Path, delete: bool) -> Result<()> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("-f {}: {e}", file.display()))?;
+        let docs = parse_manifests(&text, &file.display().to_string())?;
+        for d in docs.iter().filter(|d| d.kind == "Pod") {
+            if d.namespace != "default" {
+                return Err(format!(
+                    "{}: pod {}/{}: lab pods live in namespace default",
+                    file.display(),
+                    d.namespace,
+                    d.name
+                ));
+            }
+        }
+        let mut pod_manifests = BTreeMap::new();
+        for d in &docs {
+            if d.kind != "Pod" {
+                continue;
+            }
+            let exists = s.pods.iter().any(|p| p.name == d.name);
+            if delete {
+                if exists {
+                    self.del_pod(s, &d.name)?;
+                }
+                continue;
+            }
+            let labels: BTreeMap<String, String> =
+                serde_json::from_value(d.value["metadata"]["labels"].clone()).unwrap_or_default();
+            if exists {
+                if let Some(p) = s.pods.iter_mut().find(|p| p.name == d.name) {
+                    p.labels = labels;
+                }
+            } else {
+                let node = match d.value["spec"]["nodeName"].as_str() {
+                    Some(n) => n.to_string(),
+                    None => s
+                        .nodes
+                        .iter()
+                        .min_by_key(|n| s.pods.iter().filter(|p| p.node == n.name).count())
+                        .map(|n| n.name.clone())
+                        .ok_or("the lab has no nodes")?,
+                };
+                self.add_pod(s, &node, &d.name, labels)?;
+            }
+            pod_manifests.insert(d.name.clone(), d.value.clone());
+        }
+        let snapshot: Vec<(String, Option<Value>)> = docs
+            .iter()
+            .map(|d| {
+                let value = match (delete, d.kind.as_str()) {
+                    (true, _) => None,
+                    (false, "Pod") => s
+                        .pods
+                        .iter()
+                        .find(|p| p.name == d.name)
+                        .map(|p| pod_object(p, pod_manifests.get(&d.name))),
+                    (false, _) => Some(d.value.clone()),
+                };
+                (d.key.clone(), value)
+            })
+            .collect();
+        let verb = if delete { "deleted" } else { "configured" };
+        session(s, |db| {
+            for (key, value) in &snapshot {
+                match value {
+                    Some(v) => db.put(key, v)?,
+                    None => {
+                        db.delete(key)?;
+                    }
+                }
+            }
+            sync_endpoints(db).map(drop)
+        })?;
+        for d in &docs {
+            println!("{}/{}/{} {verb}", d.kind.to_lowercase(), d.namespace, d.name);
+        }
+        Ok(())
+    }
+
+    /// `weftctl services` inside the node's namespace, pointed at the node's agent's store and
+    /// directories.
+    pub(super) fn services(&self, node: &str) -> Result<i32> {
+        let s = self.load()?;
+        let n = s.node(node)?;
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let cmd: Vec<String> = vec![
+            me.display().to_string(),
+            "services".into(),
+            "--store".into(),
+            s.store_url.clone(),
+            "--node".into(),
+            n.name.clone(),
+            "--run-dir".into(),
+            n.dir.join("run").display().to_string(),
+        ];
+        self.exec(node, &cmd)
+    }
+
+    /// The Services part of `check`: every TCP ClusterIP from every pod and node, every NodePort
+    /// from the outside through every node; the answer must come from one of the service's
+    /// endpoints (or be refused when it has none). Services with a Local traffic policy are
+    /// skipped: their answer depends on where the client is.
+    pub(super) fn check_services(&self, s: &LabState) -> Result<(usize, usize)> {
+        let (services, slices) = session(s, |db| {
+            Ok((
+                db.list("/registry/services/specs/")?,
+                db.list("/registry/endpointslices/")?,
+            ))
+        })?;
+        if services.is_empty() {
+            return Ok((0, 0));
+        }
+        let objects = weft_services::parse_all(
+            &services.into_iter().collect(),
+            &slices.into_iter().collect(),
+            "10.96.0.0/12".parse().expect("literal"),
+        );
+        let facts = weft_services::NodeFacts {
+            node: String::new(),
+            cluster_cidr: "10.244.0.0/16".parse().expect("literal"),
+            local_subnet: "0.0.0.0/32".parse().expect("literal"),
+        };
+        let rs = weft_services::compile(&facts, &objects);
+        let name_of = |ip: std::net::Ipv4Addr| {
+            s.pods
+                .iter()
+                .find(|p| p.ip == ip)
+                .map(|p| p.name.clone())
+                .or_else(|| s.nodes.iter().find(|n| n.underlay_ip == ip).map(|n| n.name.clone()))
+        };
+        let mut clients: Vec<(String, String)> =
+            s.pods.iter().map(|p| (p.name.clone(), p.netns.clone())).collect();
+        clients.extend(s.nodes.iter().map(|n| (n.name.clone(), n.netns.clone())));
+        let (mut passed, mut failed) = (0, 0);
+        println!();
+        println!("services (ClusterIP from every pod and node; NodePort from outside via every node):");
+        for (id, port) in &rs.ports {
+            let svc = objects
+                .services
+                .iter()
+                .find(|x| x.id() == port.service)
+                .expect("compiled from these");
+            if port.proto != weft_services::model::Proto::Tcp {
+                continue;
+            }
+            if svc.internal_local || svc.external_local {
+                println!("  {id}: skipped (a Local traffic policy answers per node)");
+                continue;
+            }
+            let expected: Vec<String> = port
+                .endpoints
+                .iter()
+                .filter_map(|(ip, _)| name_of(*ip))
+                .collect();
+            let mut probes: Vec<(String, String, SocketAddr)> = Vec::new();
+            for f in &port.frontends {
+                match f {
+                    weft_services::compile::Frontend::Ip(ip, p)
+                        if Some(*ip) == svc.cluster_ip =>
+                    {
+                        for (c, ns) in &clients {
+                            probes.push((c.clone(), ns.clone(), SocketAddr::from((*ip, *p))));
+                        }
+                    }
+                    weft_services::compile::Frontend::NodePort(np) => {
+                        for n in &s.nodes {
+                            probes.push((
+                                format!("outside→{}", n.name),
+                                s.outside_netns.clone(),
+                                SocketAddr::from((n.underlay_ip, *np)),
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let mut bad = Vec::new();
+            let mut answers = BTreeMap::<String, usize>::new();
+            for (client, ns, addr) in &probes {
+                let ns = Netns::open(NamedNetns::path(ns)).map_err(|e| e.to_string())?;
+                // The agents apply a change within milliseconds of the store; allow a moment.
+                let mut outcome = Err(String::new());
+                for _ in 0..10 {
+                    outcome = match super::probe(&ns, *addr) {
+                        Ok(a) if expected.contains(&a) => Ok(a),
+                        Ok(a) => Err(format!("answered by {a}")),
+                        Err(e)
+                            if expected.is_empty()
+                                && e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                        {
+                            Ok("refused".into())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if outcome.is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                match outcome {
+                    Ok(a) => {
+                        passed += 1;
+                        *answers.entry(a).or_default() += 1;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        bad.push(format!("{client} → {addr}: {e}"));
+                    }
+                }
+            }
+            let spread: Vec<String> = answers.iter().map(|(a, n)| format!("{a}×{n}")).collect();
+            println!(
+                "  {id}: {}/{} ok, answered by {}",
+                probes.len() - bad.len(),
+                probes.len(),
+                if spread.is_empty() { "-".into() } else { spread.join(" ") }
+            );
+            for b in bad {
+                println!("    FAIL {b}");
+            }
+        }
+        Ok((passed, failed))
+    }
+}
