@@ -10,6 +10,7 @@ packages=(
   iproute2                   # ip: the tests inspect what the plugin made
   nftables                   # nft: weft's own tables (agent, services, policy)
   iptables                   # the reference portmap plugin programs iptables
+  conntrack                  # weftd deletes stale UDP flows of departed service endpoints
   containernetworking-plugins  # /usr/lib/cni: reference plugins for chaining tests and the benchmark
   iputils-ping
   iperf3 sockperf            # benchmarks

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: install what Weft needs, build it, bring up a lab (3 nodes running weftd, 2 pods
 # each wired by the real weft CNI plugin, an outside host; all network namespaces) and print its
-# connectivity matrix.
+# connectivity matrix, with the Services of examples/lab-services.yaml (ClusterIP from every pod
+# and node, NodePort from outside through every node, a service without endpoints refused).
 # Needs root. Afterwards: target/release/weftctl lab status | exec POD -- CMD | down.
 # Options are passed to `weftctl lab up` (e.g. --backend host-gw --mode routed --store etcd).
 set -euo pipefail
@@ -16,6 +17,9 @@ weftctl=target/release/weftctl
 # A lab left from an earlier run is replaced.
 "$weftctl" lab down >/dev/null 2>&1 || true
 "$weftctl" lab up "$@"
+"$weftctl" lab apply -f examples/lab-services.yaml
 "$weftctl" lab status
+echo
+"$weftctl" lab services node1
 echo
 "$weftctl" lab check

@@ -176,7 +176,9 @@ impl Flags {
             .service_cidr
             .unwrap_or("10.96.0.0/12".parse().expect("literal"))
             .trunc();
-        if service_cidr.contains(&cluster_cidr.network()) || cluster_cidr.contains(&service_cidr.network()) {
+        if service_cidr.contains(&cluster_cidr.network())
+            || cluster_cidr.contains(&service_cidr.network())
+        {
             return Err(format!(
                 "--service-cidr: {service_cidr} overlaps the cluster CIDR {cluster_cidr}"
             ));

@@ -53,9 +53,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
                 && health.services_ready.load(Ordering::Relaxed);
             let (status, content_type, body) = match path.as_str() {
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if ready => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
+                "/readyz" if ready => ("200 OK", "text/plain", "ready\n".to_string()),
                 "/readyz" => (
                     "503 Service Unavailable",
                     "text/plain",

@@ -55,7 +55,11 @@ impl Metrics {
             "Services, slices or frontends left out (see the log)",
             m.problems.clone(),
         );
-        r.register("service_syncs", "Services table syncs that changed it", m.syncs.clone());
+        r.register(
+            "service_syncs",
+            "Services table syncs that changed it",
+            m.syncs.clone(),
+        );
         r.register(
             "service_full_syncs",
             "Syncs that replaced the whole Services table",

@@ -27,7 +27,8 @@ pub struct ServicesArgs {
 
 /// Connections per counter name, from `nft -j list counters table ip weft`.
 fn counters() -> Option<BTreeMap<String, u64>> {
-    let text = weft_services::nft::run("", &["-j", "list", "counters", "table", "ip", "weft"]).ok()?;
+    let text =
+        weft_services::nft::run("", &["-j", "list", "counters", "table", "ip", "weft"]).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     Some(
         v["nftables"]
@@ -109,7 +110,11 @@ fn list(a: ServicesArgs) -> Result<(), String> {
                 weft_services::compile::Frontend::NodePort(np) => format!("nodePort:{np}"),
             })
             .collect();
-        let eps: Vec<String> = p.endpoints.iter().map(|(ip, port)| format!("{ip}:{port}")).collect();
+        let eps: Vec<String> = p
+            .endpoints
+            .iter()
+            .map(|(ip, port)| format!("{ip}:{port}"))
+            .collect();
         let conns = match &counts {
             None => "-".to_string(),
             Some(c) => c
@@ -119,9 +124,17 @@ fn list(a: ServicesArgs) -> Result<(), String> {
         };
         println!(
             "{id:<32} {:<14} {:<40} {:<44} {conns}",
-            if p.port_name.is_empty() { "-" } else { &p.port_name },
+            if p.port_name.is_empty() {
+                "-"
+            } else {
+                &p.port_name
+            },
             fronts.join(","),
-            if eps.is_empty() { "(none: rejected)".into() } else { eps.join(",") },
+            if eps.is_empty() {
+                "(none: rejected)".into()
+            } else {
+                eps.join(",")
+            },
         );
     }
     for problem in &rs.problems {

@@ -3,137 +3,13 @@
 //! deleted by hand comes back; a node that leaves is dropped by its peers within seconds; down
 //! leaves no namespace behind.
 
+mod common;
+
+use common::*;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use weft_net::{NamedNetns, Netns};
-
-struct Lab {
-    name: String,
-    state_dir: PathBuf,
-}
-
-impl Lab {
-    fn new(tag: &str) -> Lab {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the lab creates network namespaces and needs root (CI runs as root)"
-        );
-        // Labs of earlier test runs that crashed before their Drop.
-        for ns in NamedNetns::list("weftlab-t") {
-            let pid = ns["weftlab-t".len()..]
-                .split(['-', 'x'])
-                .next()
-                .unwrap_or("");
-            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-                let _ = NamedNetns::delete(&ns);
-            }
-        }
-        let name = format!("t{}x{tag}", std::process::id());
-        let state_dir = std::env::temp_dir().join(format!("weftctl-test-{name}"));
-        Lab { name, state_dir }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_weftctl")).parent().unwrap();
-        for bin in ["weft", "weftd"] {
-            assert!(
-                bin_dir.join(bin).exists(),
-                "{bin} is missing beside weftctl: `cargo test --workspace` builds it"
-            );
-        }
-        Command::new(env!("CARGO_BIN_EXE_weftctl"))
-            .arg("lab")
-            .args(["--name", &self.name, "--state-dir"])
-            .arg(&self.state_dir)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "weftctl lab {}: {}{}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The agents' logs, for failure messages.
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for i in 1..=4 {
-            let p = self
-                .state_dir
-                .join(&self.name)
-                .join(format!("node{i}/weftd.log"));
-            if let Ok(t) = std::fs::read_to_string(&p) {
-                s.push_str(&format!("--- node{i} weftd.log\n{t}"));
-            }
-        }
-        s
-    }
-
-    fn namespaces(&self) -> Vec<String> {
-        NamedNetns::list(&format!("weftlab-{}-", self.name))
-    }
-
-    fn netns(&self, kind: &str, name: &str) -> Netns {
-        Netns::open(NamedNetns::path(&format!(
-            "weftlab-{}-{kind}-{name}",
-            self.name
-        )))
-        .unwrap()
-    }
-
-    fn ip(&self, node: &str, args: &[&str]) -> String {
-        let mut a = vec!["exec", node, "--", "ip"];
-        a.extend_from_slice(args);
-        self.ok(&a)
-    }
-
-    fn subnet(&self, node: &str) -> String {
-        let env = std::fs::read_to_string(
-            self.state_dir
-                .join(&self.name)
-                .join(format!("{node}/run/subnet.env")),
-        )
-        .unwrap();
-        env.lines()
-            .find_map(|l| l.strip_prefix("WEFT_SUBNET="))
-            .unwrap()
-            .to_string()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-        for ns in self.namespaces() {
-            let _ = NamedNetns::delete(&ns);
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
 
 fn all_connect(backend: &str, extra: &[&str], tag: &str) {
     let lab = Lab::new(tag);
@@ -214,47 +90,6 @@ fn host_gw_names_peers_it_cannot_reach() {
         lab.ip("node1", &["route", "show", "proto", "202"]).trim(),
         ""
     );
-}
-
-/// An echo stream from pod `from` to pod `to`, made by this test process inside the pods'
-/// namespaces: returns a closure that sends a byte and expects it back.
-fn echo_stream(lab: &Lab, from: &str, to: &str, to_ip: std::net::Ipv4Addr) -> impl FnMut() -> bool {
-    let listener = lab
-        .netns("p", to)
-        .run(|| TcpListener::bind((to_ip, 7000)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut c, _)) = listener.accept() {
-            let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
-            let mut b = [0u8; 1];
-            while c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {}
-        }
-    });
-    let dst = SocketAddr::from((to_ip, 7000));
-    let mut s = lab
-        .netns("p", from)
-        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
-        .unwrap()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    move || {
-        let mut b = [0u8; 1];
-        s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"x"
-    }
-}
-
-fn pod_ip(lab: &Lab, pod: &str) -> std::net::Ipv4Addr {
-    let out = lab.ip(pod, &["-4", "-o", "addr", "show", "eth0"]);
-    out.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]

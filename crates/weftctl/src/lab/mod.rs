@@ -545,6 +545,8 @@ impl Lab {
             "10",
             "--resync",
             "5",
+            "--services-repair",
+            "5",
         ])
         .args(["--mode", &s.mode, "--listen", "127.0.0.1:9967"])
         .arg("--run-dir")

@@ -183,7 +183,10 @@ fn matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String,
 }
 
 /// The EndpointSlices the endpoint controller wants, from the stored Services and Pods.
-pub fn desired_slices(services: &[(String, Vec<u8>)], pods: &[(String, Vec<u8>)]) -> BTreeMap<String, Value> {
+pub fn desired_slices(
+    services: &[(String, Vec<u8>)],
+    pods: &[(String, Vec<u8>)],
+) -> BTreeMap<String, Value> {
     let pods: Vec<Pod> = pods
         .iter()
         .filter_map(|(_, v)| serde_json::from_slice(v).ok())
@@ -196,7 +199,11 @@ pub fn desired_slices(services: &[(String, Vec<u8>)], pods: &[(String, Vec<u8>)]
         let (Some(name), Some(spec)) = (svc.metadata.name.clone(), svc.spec.as_ref()) else {
             continue;
         };
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
             continue;
         };
@@ -325,9 +332,14 @@ impl super::Lab {
     }
 
     /// `apply -f` (or `delete -f` with `delete`).
-    pub(super) fn apply(&self, s: &mut LabState, file: &std::path::Path, delete: bool) -> Result<()> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("-f {}: {e}", file.display()))?;
+    pub(super) fn apply(
+        &self,
+        s: &mut LabState,
+        file: &std::path::Path,
+        delete: bool,
+    ) -> Result<()> {
+        let text =
+            std::fs::read_to_string(file).map_err(|e| format!("-f {}: {e}", file.display()))?;
         let docs = parse_manifests(&text, &file.display().to_string())?;
         for d in docs.iter().filter(|d| d.kind == "Pod") {
             if d.namespace != "default" {
@@ -399,7 +411,12 @@ impl super::Lab {
             sync_endpoints(db).map(drop)
         })?;
         for d in &docs {
-            println!("{}/{}/{} {verb}", d.kind.to_lowercase(), d.namespace, d.name);
+            println!(
+                "{}/{}/{} {verb}",
+                d.kind.to_lowercase(),
+                d.namespace,
+                d.name
+            );
         }
         Ok(())
     }
@@ -453,14 +470,24 @@ impl super::Lab {
                 .iter()
                 .find(|p| p.ip == ip)
                 .map(|p| p.name.clone())
-                .or_else(|| s.nodes.iter().find(|n| n.underlay_ip == ip).map(|n| n.name.clone()))
+                .or_else(|| {
+                    s.nodes
+                        .iter()
+                        .find(|n| n.underlay_ip == ip)
+                        .map(|n| n.name.clone())
+                })
         };
-        let mut clients: Vec<(String, String)> =
-            s.pods.iter().map(|p| (p.name.clone(), p.netns.clone())).collect();
+        let mut clients: Vec<(String, String)> = s
+            .pods
+            .iter()
+            .map(|p| (p.name.clone(), p.netns.clone()))
+            .collect();
         clients.extend(s.nodes.iter().map(|n| (n.name.clone(), n.netns.clone())));
         let (mut passed, mut failed) = (0, 0);
         println!();
-        println!("services (ClusterIP from every pod and node; NodePort from outside via every node):");
+        println!(
+            "services (ClusterIP from every pod and node; NodePort from outside via every node):"
+        );
         for (id, port) in &rs.ports {
             let svc = objects
                 .services
@@ -482,9 +509,7 @@ impl super::Lab {
             let mut probes: Vec<(String, String, SocketAddr)> = Vec::new();
             for f in &port.frontends {
                 match f {
-                    weft_services::compile::Frontend::Ip(ip, p)
-                        if Some(*ip) == svc.cluster_ip =>
-                    {
+                    weft_services::compile::Frontend::Ip(ip, p) if Some(*ip) == svc.cluster_ip => {
                         for (c, ns) in &clients {
                             probes.push((c.clone(), ns.clone(), SocketAddr::from((*ip, *p))));
                         }
@@ -540,7 +565,11 @@ impl super::Lab {
                 "  {id}: {}/{} ok, answered by {}",
                 probes.len() - bad.len(),
                 probes.len(),
-                if spread.is_empty() { "-".into() } else { spread.join(" ") }
+                if spread.is_empty() {
+                    "-".into()
+                } else {
+                    spread.join(" ")
+                }
             );
             for b in bad {
                 println!("    FAIL {b}");
