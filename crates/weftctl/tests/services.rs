@@ -68,6 +68,18 @@ fn answers(lab: &Lab, from: &str, addr: SocketAddr, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Waits until a pod on every node is answered through `addr`: each agent applies a change on its
+/// own, a few milliseconds apart.
+fn served_everywhere(lab: &Lab, addr: SocketAddr) {
+    for client in ["n1p2", "n2p2", "n3p2"] {
+        wait_for(
+            &format!("{client} served by {addr}"),
+            Duration::from_secs(5),
+            || ask(lab, "p", client, addr).is_ok(),
+        );
+    }
+}
+
 fn http_get(lab: &Lab, addr: SocketAddr) -> String {
     let mut s = lab
         .netns("x", "outside")
@@ -116,9 +128,7 @@ fn services_end_to_end() {
         "uni",
         &(service("uni", "10.96.1.1", "", "[{port: 80}]") + &slice("uni", "", "TCP", 80, &eps3)),
     );
-    wait_for("uni served", Duration::from_secs(5), || {
-        ask(&lab, "p", "n1p2", uni).is_ok()
-    });
+    served_everywhere(&lab, uni);
     let got = answers(&lab, "n1p2", uni, 300);
     let chi2: f64 = ["n1p1", "n2p1", "n3p1"]
         .iter()
@@ -156,9 +166,7 @@ fn services_end_to_end() {
             "[{port: 80}]",
         ) + &slice("sticky", "", "TCP", 80, &eps3)),
     );
-    wait_for("sticky served", Duration::from_secs(5), || {
-        ask(&lab, "p", "n2p2", sticky).is_ok()
-    });
+    served_everywhere(&lab, sticky);
     for client in ["n2p2", "n3p2"] {
         let mut a = answers(&lab, client, sticky, 30);
         a.dedup();
@@ -292,8 +300,19 @@ fn services_end_to_end() {
         "source NATed under eTP Local: {line}"
     );
     // node1 has no endpoint: external clients are dropped there, pods on node1 still get one.
+    wait_for("node1 to program lb", Duration::from_secs(5), || {
+        ask(&lab, "p", "n1p1", via1).is_ok_and(|a| a == "n2p1")
+    });
     assert!(ask(&lab, "x", "outside", via1).is_err());
-    assert_eq!(ask(&lab, "p", "n1p1", via1).unwrap(), "n2p1");
+    for i in [1, 2] {
+        let addr = SocketAddr::from((node_ip(i), 31090));
+        wait_for("the health check port", Duration::from_secs(5), || {
+            lab.netns("x", "outside")
+                .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+                .unwrap()
+                .is_ok()
+        });
+    }
     let h2 = http_get(&lab, SocketAddr::from((node_ip(2), 31090)));
     assert!(
         h2.starts_with("HTTP/1.1 200") && h2.contains("\"localEndpoints\":1"),
@@ -321,9 +340,7 @@ fn services_end_to_end() {
             + &slice("fine", "", "TCP", 80, &[(n1p1, "node1")])),
     );
     let fine = SocketAddr::from(([10, 96, 1, 20], 80));
-    wait_for("fine served", Duration::from_secs(5), || {
-        ask(&lab, "p", "n2p1", fine).is_ok_and(|a| a == "n1p1")
-    });
+    served_everywhere(&lab, fine);
     let log = |node: &str| {
         std::fs::read_to_string(lab.state_dir.join(&lab.name).join(node).join("weftd.log")).unwrap()
     };
