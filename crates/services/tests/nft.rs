@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 use weft_net::ScratchNetns;
 use weft_services::{nft, Proxy, SyncKind};
 
@@ -47,7 +48,21 @@ fn full_incremental_and_repair_agree_with_the_kernel() {
     let ns = scratch("sync");
     let fresh = scratch("fresh");
     let mut proxy = Proxy::new();
-    let rs = sample().compile();
+    let mut o = sample();
+    // SCTP goes through the same maps (the kernel here has SCTP conntrack and NAT).
+    o.svc(service(
+        "sctp",
+        json!({"clusterIP": "10.96.0.60", "ports": [{"port": 9999, "protocol": "SCTP"}]}),
+    ));
+    o.slice(slice(
+        "sctp-1",
+        "sctp",
+        "",
+        "SCTP",
+        9999,
+        &[ready("10.244.2.60", "node2")],
+    ));
+    let rs = o.compile();
     let r = ns
         .netns
         .run(|| proxy.sync(&facts(), rs.clone()))
@@ -60,6 +75,14 @@ fn full_incremental_and_repair_agree_with_the_kernel() {
         "{l}"
     );
     assert!(l.contains("dnat ip to numgen random mod 3 map"), "{l}");
+    assert!(
+        l.contains("10.96.0.60 . sctp . 9999 : goto svc/default/sctp/sctp/9999"),
+        "{l}"
+    );
+    assert!(
+        l.contains("meta l4proto sctp dnat to 10.244.2.60:9999"),
+        "{l}"
+    );
 
     // Scale web to one endpoint and drop the LB service: an incremental update.
     let mut o = sample();

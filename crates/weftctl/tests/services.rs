@@ -324,6 +324,38 @@ fn services_end_to_end() {
         "{h1}"
     );
 
+    // internalTrafficPolicy Local: only node2 has an endpoint; pods there reach it, pods elsewhere
+    // are dropped (not sent across the cluster).
+    let itp = SocketAddr::from(([10, 96, 1, 6], 80));
+    apply(
+        &lab,
+        "itp",
+        &(service(
+            "itp",
+            "10.96.1.6",
+            "  internalTrafficPolicy: Local\n",
+            "[{port: 80}]",
+        ) + &slice("itp", "", "TCP", 80, &[(n2p1, "node2")])),
+    );
+    wait_for("itp on node2", Duration::from_secs(5), || {
+        ask(&lab, "p", "n2p2", itp).is_ok_and(|a| a == "n2p1")
+    });
+    wait_for("node1 to program itp", Duration::from_secs(5), || {
+        lab.ok(&[
+            "exec",
+            "node1",
+            "--",
+            "nft",
+            "list",
+            "map",
+            "ip",
+            "weft",
+            "no-endpoint-ips",
+        ])
+        .contains("10.96.1.6 . tcp . 80 : drop")
+    });
+    assert!(ask(&lab, "p", "n1p2", itp).is_err());
+
     // Bad objects are named in every agent's log; the good one beside them works.
     apply(
         &lab,

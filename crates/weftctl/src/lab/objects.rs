@@ -146,6 +146,101 @@ pub fn parse_manifests(text: &str, file: &str) -> Result<Vec<Manifest>> {
     Ok(out)
 }
 
+/// What kube-apiserver would fill in: a ClusterIP (from 10.96.2.0 up, the lower addresses are left
+/// to manifests), NodePorts (30000-32767) for NodePort and LoadBalancer services, and a
+/// healthCheckNodePort for a LoadBalancer with externalTrafficPolicy Local. A service applied again
+/// keeps what it was given.
+pub fn allocate(existing: &[(String, Vec<u8>)], key: &str, v: &mut Value) -> Result<()> {
+    let kind = v["spec"]["type"]
+        .as_str()
+        .unwrap_or("ClusterIP")
+        .to_string();
+    if kind == "ExternalName" {
+        return Ok(());
+    }
+    let others: Vec<Value> = existing
+        .iter()
+        .filter(|(k, _)| k != key)
+        .filter_map(|(_, b)| serde_json::from_slice(b).ok())
+        .collect();
+    let before: Option<Value> = existing
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, b)| serde_json::from_slice(b).ok());
+    if v["spec"]["clusterIP"].as_str().unwrap_or("").is_empty() {
+        let used: Vec<&str> = others
+            .iter()
+            .filter_map(|o| o["spec"]["clusterIP"].as_str())
+            .collect();
+        let ip = match before
+            .as_ref()
+            .and_then(|b| b["spec"]["clusterIP"].as_str())
+        {
+            Some(ip) if !ip.is_empty() && !used.contains(&ip) => ip.to_string(),
+            _ => (u32::from(std::net::Ipv4Addr::new(10, 96, 2, 0))
+                ..u32::from(std::net::Ipv4Addr::new(10, 111, 255, 255)))
+                .map(|n| std::net::Ipv4Addr::from(n).to_string())
+                .find(|ip| !used.contains(&ip.as_str()))
+                .ok_or("no free ClusterIP in 10.96.0.0/12")?,
+        };
+        v["spec"]["clusterIP"] = json!(ip);
+        v["spec"]["clusterIPs"] = json!([ip]);
+    }
+    if kind != "NodePort" && kind != "LoadBalancer" {
+        return Ok(());
+    }
+    let mut used: Vec<i64> = others
+        .iter()
+        .flat_map(|o| {
+            let ports = o["spec"]["ports"].as_array().cloned().unwrap_or_default();
+            let hc = o["spec"]["healthCheckNodePort"].as_i64();
+            ports
+                .into_iter()
+                .filter_map(|p| p["nodePort"].as_i64())
+                .chain(hc)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let next_free = |used: &mut Vec<i64>, keep: Option<i64>| -> Result<i64> {
+        let n = match keep.filter(|k| !used.contains(k)) {
+            Some(k) => k,
+            None => (30000..=32767)
+                .find(|n| !used.contains(n))
+                .ok_or("no free NodePort in 30000-32767")?,
+        };
+        used.push(n);
+        Ok(n)
+    };
+    let given: Vec<i64> = v["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["nodePort"].as_i64())
+        .collect();
+    used.extend(given);
+    let old_ports = before
+        .as_ref()
+        .and_then(|b| b["spec"]["ports"].as_array().cloned())
+        .unwrap_or_default();
+    if let Some(ports) = v["spec"]["ports"].as_array_mut() {
+        for p in ports.iter_mut().filter(|p| p["nodePort"].is_null()) {
+            let keep = old_ports
+                .iter()
+                .find(|o| o["port"] == p["port"] && o["protocol"] == p["protocol"])
+                .and_then(|o| o["nodePort"].as_i64());
+            p["nodePort"] = json!(next_free(&mut used, keep)?);
+        }
+    }
+    if kind == "LoadBalancer"
+        && v["spec"]["externalTrafficPolicy"] == "Local"
+        && v["spec"]["healthCheckNodePort"].is_null()
+    {
+        let keep = before.and_then(|b| b["spec"]["healthCheckNodePort"].as_i64());
+        v["spec"]["healthCheckNodePort"] = json!(next_free(&mut used, keep)?);
+    }
+    Ok(())
+}
+
 /// The Pod object the lab stores for one of its pods: the manifest's metadata and spec if it
 /// came from one, with the node, address and readiness the lab knows.
 pub fn pod_object(p: &PodState, from: Option<&Value>) -> Value {
@@ -399,7 +494,16 @@ impl super::Lab {
             })
             .collect();
         let verb = if delete { "deleted" } else { "configured" };
+        let mut snapshot = snapshot;
         session(s, |db| {
+            let mut existing = db.list("/registry/services/specs/")?;
+            for (key, value) in snapshot.iter_mut() {
+                if let Some(v) = value.as_mut().filter(|v| v["kind"] == "Service") {
+                    allocate(&existing, key, v)?;
+                    existing.retain(|(k, _)| k != key);
+                    existing.push((key.clone(), serde_json::to_vec(v).expect("serializable")));
+                }
+            }
             for (key, value) in &snapshot {
                 match value {
                     Some(v) => db.put(key, v)?,
@@ -576,5 +680,101 @@ impl super::Lab {
             }
         }
         Ok((passed, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, v: Value) -> (String, Vec<u8>) {
+        (key.to_string(), serde_json::to_vec(&v).unwrap())
+    }
+
+    #[test]
+    fn manifests_are_checked_and_placed() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: prod}\naddressType: IPv4\nendpoints: []\n---\n";
+        let m = parse_manifests(text, "f.yaml").unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].key, "/registry/services/specs/default/web");
+        assert_eq!(m[0].value["metadata"]["namespace"], "default");
+        assert_eq!(m[1].key, "/registry/endpointslices/prod/web-1");
+        for (bad, want) in [
+            ("kind: Deployment\napiVersion: apps/v1\n", "f.yaml document 1: kind \"Deployment\""),
+            ("kind: Service\napiVersion: v2\n", "apiVersion \"v2\" for a Service"),
+            ("kind: Service\napiVersion: v1\nmetadata: {}\n", "metadata.name is missing"),
+            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {ports: [{port: web}]}\n", "f.yaml document 1 (Service)"),
+            ("kind: [oops\n", "f.yaml document 1"),
+        ] {
+            let e = parse_manifests(bad, "f.yaml").err().unwrap_or_default();
+            assert!(e.contains(want), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn allocation_fills_what_the_apiserver_would_and_keeps_it() {
+        let key = "/registry/services/specs/default/lb";
+        let existing = vec![kv(
+            "/registry/services/specs/default/other",
+            json!({"spec": {"clusterIP": "10.96.2.0", "type": "NodePort", "ports": [{"port": 80, "nodePort": 30000}]}}),
+        )];
+        let mut v = json!({"kind": "Service", "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "ports": [{"port": 80}, {"port": 443, "nodePort": 30001}]}});
+        allocate(&existing, key, &mut v).unwrap();
+        assert_eq!(v["spec"]["clusterIP"], "10.96.2.1");
+        assert_eq!(v["spec"]["ports"][0]["nodePort"], 30002);
+        assert_eq!(v["spec"]["healthCheckNodePort"], 30003);
+        // Applied again without them: the same values.
+        let mut again = json!({"kind": "Service", "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "ports": [{"port": 80}, {"port": 443, "nodePort": 30001}]}});
+        let mut with_self = existing.clone();
+        with_self.push(kv(key, v.clone()));
+        allocate(&with_self, key, &mut again).unwrap();
+        assert_eq!(again, v);
+        // Headless and explicit addresses are left as they are.
+        let mut h = json!({"kind": "Service", "spec": {"clusterIP": "None"}});
+        allocate(&existing, key, &mut h).unwrap();
+        assert_eq!(h["spec"]["clusterIP"], "None");
+    }
+
+    #[test]
+    fn endpoint_controller_follows_selectors_and_named_ports() {
+        let services = vec![kv(
+            "/registry/services/specs/default/web",
+            json!({"metadata": {"name": "web", "namespace": "default"},
+                   "spec": {"selector": {"app": "web"},
+                            "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+        )];
+        let pod = |name: &str, ip: &str, app: &str, port: i32, ready: &str| {
+            kv(
+                &format!("/registry/pods/default/{name}"),
+                json!({
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+                "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": port}]}]},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}),
+            )
+        };
+        let pods = vec![
+            pod("a", "10.244.1.2", "web", 8080, "True"),
+            pod("b", "10.244.1.3", "web", 9090, "False"),
+            pod("c", "10.244.1.4", "db", 8080, "True"),
+        ];
+        let want = desired_slices(&services, &pods);
+        let slices: Vec<&Value> = want.values().collect();
+        assert_eq!(slices.len(), 2, "two port mappings, two slices: {want:?}");
+        let a = slices
+            .iter()
+            .find(|s| s["ports"][0]["port"] == 8080)
+            .unwrap();
+        assert_eq!(a["endpoints"][0]["addresses"][0], "10.244.1.2");
+        assert_eq!(a["endpoints"][0]["conditions"]["ready"], true);
+        assert_eq!(a["metadata"]["labels"]["kubernetes.io/service-name"], "web");
+        let b = slices
+            .iter()
+            .find(|s| s["ports"][0]["port"] == 9090)
+            .unwrap();
+        assert_eq!(b["endpoints"][0]["conditions"]["ready"], false);
+        assert_eq!(b["endpoints"].as_array().unwrap().len(), 1);
     }
 }
