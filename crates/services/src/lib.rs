@@ -43,6 +43,8 @@ pub struct SyncReport {
 #[derive(Default)]
 pub struct Proxy {
     applied: Option<(NodeFacts, Ruleset)>,
+    /// conntrack deletions that failed, retried on the next sync.
+    pending: Vec<conntrack::Delete>,
 }
 
 impl Proxy {
@@ -83,18 +85,23 @@ impl Proxy {
         };
         let empty = Ruleset::default();
         let old = self.applied.as_ref().map(|(_, r)| r).unwrap_or(&empty);
-        let deletes = conntrack::stale_udp(old, &rs);
+        let mut deletes = std::mem::take(&mut self.pending);
+        deletes.extend(conntrack::stale_udp(old, &rs));
+        deletes.sort();
+        deletes.dedup();
         let conntrack_deletes = deletes.len();
         self.applied = Some((facts.clone(), rs));
-        let mut errors = Vec::new();
-        for d in &deletes {
-            if let Err(e) = conntrack::delete(d) {
-                errors.push(e);
+        let mut first_error = None;
+        for d in deletes {
+            if let Err(e) = conntrack::delete(&d) {
+                first_error.get_or_insert(e);
+                self.pending.push(d);
             }
         }
-        if let Some(e) = errors.first() {
+        if let Some(e) = first_error {
             return Err(format!(
-                "the table is in sync, but cleaning up conntrack failed: {e}"
+                "the table is in sync, but {} conntrack deletion(s) failed and will be retried: {e}",
+                self.pending.len()
             ));
         }
         Ok(SyncReport {
