@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use weft_services::{compile, parse_all, NodeFacts, Proxy, SyncKind};
+use weft_services::{compile, Cache, NodeFacts, Proxy, SyncKind};
 use weft_store::Store;
 
 pub const SERVICES_PREFIX: &str = "/registry/services/specs/";
@@ -183,6 +183,7 @@ pub async fn run<S: Store>(
     synced_slices.notified().await;
 
     let mut proxy = Some(Proxy::new());
+    let mut cache = Cache::default();
     let mut health_ports = HealthPorts {
         state: Arc::default(),
         listeners: BTreeMap::new(),
@@ -198,7 +199,7 @@ pub async fn run<S: Store>(
         let objects = {
             let s = services.lock().expect("not poisoned");
             let e = slices.lock().expect("not poisoned");
-            parse_all(&s, &e, cfg.service_cidr)
+            cache.update(&s, &e, cfg.service_cidr)
         };
         let start = Instant::now();
         let rs = compile(&facts, &objects);

@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use weft_net::{Netns, ScratchNetns};
-use weft_services::{compile, nft, parse_all, render, NodeFacts, Proxy, SyncKind};
+use weft_services::{compile, nft, parse_all, render, Cache, NodeFacts, Proxy, SyncKind};
 
 const PREFIX: &str = "wbench-svc-";
 const ENDPOINTS: usize = 10;
@@ -241,11 +241,13 @@ struct ChangeSample {
     bytes: usize,
 }
 
-/// One full sync of `st` into `ns` (whose table must be absent) with a new proxy.
-fn full_sync(ns: &Netns, proxy: &mut Proxy, st: &Store) -> FullSample {
+/// One full sync of `st` into `ns` (whose table must be absent) with a new proxy and a new parse
+/// cache (left primed in `cache`, as the agent's is after its first sync).
+fn full_sync(ns: &Netns, proxy: &mut Proxy, cache: &mut Cache, st: &Store) -> FullSample {
     let facts = facts();
     let start = Instant::now();
-    let objects = parse_all(&st.services, &st.slices, service_cidr());
+    *cache = Cache::default();
+    let objects = cache.update(&st.services, &st.slices, service_cidr());
     let parse = start.elapsed();
     let start = Instant::now();
     let rs = compile(&facts, &objects);
@@ -271,11 +273,12 @@ fn full_sync(ns: &Netns, proxy: &mut Proxy, st: &Store) -> FullSample {
     }
 }
 
-/// The agent's path for a changed store: parse and compile everything, sync the difference.
-fn change_sync(ns: &Netns, proxy: &mut Proxy, st: &Store) -> ChangeSample {
+/// The agent's path for a changed store: parse what changed, compile everything, sync the
+/// difference.
+fn change_sync(ns: &Netns, proxy: &mut Proxy, cache: &mut Cache, st: &Store) -> ChangeSample {
     let facts = facts();
     let start = Instant::now();
-    let objects = parse_all(&st.services, &st.slices, service_cidr());
+    let objects = cache.update(&st.services, &st.slices, service_cidr());
     let parse = start.elapsed();
     let start = Instant::now();
     let rs = compile(&facts, &objects);
@@ -322,6 +325,8 @@ fn measure_size(
     let started = Instant::now();
     let mut proxy = Proxy::new();
     let proxy = &mut proxy;
+    let mut cache = Cache::default();
+    let cache = &mut cache;
     let base = store(n);
     let linear = linear_ruleset(n);
     let mut r = SizeResult {
@@ -339,13 +344,13 @@ fn measure_size(
         }
         delete_table(weft_ns, render::TABLE);
         *proxy = Proxy::new();
-        r.full.push(full_sync(weft_ns, proxy, &base));
+        r.full.push(full_sync(weft_ns, proxy, cache, &base));
         let (i, k, ip) = change(n, rep);
         let mut changed = base.clone();
         let mut eps: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|k| endpoint(n, i, k)).collect();
         eps[k] = ip;
         changed.slices.insert(slice_key(i), slice_json(i, &eps));
-        r.change.push(change_sync(weft_ns, proxy, &changed));
+        r.change.push(change_sync(weft_ns, proxy, cache, &changed));
 
         delete_table(linear_ns, LINEAR);
         r.linear_load.push(apply_in(linear_ns, &linear));
@@ -364,7 +369,7 @@ fn measure_size(
         );
     }
     // Back to the base objects for the traffic tests (untimed).
-    change_sync(weft_ns, proxy, &base);
+    change_sync(weft_ns, proxy, cache, &base);
     let (i, k, _) = change(n, r.full.len() - 1);
     apply_in(
         linear_ns,

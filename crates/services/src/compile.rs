@@ -5,16 +5,21 @@
 //! - `service-ips` maps `daddr . l4proto . dport` of every ClusterIP, external IP and load-balancer
 //!   IP to a verdict, `service-nodeports` maps `l4proto . dport` on the node's own addresses; one
 //!   lookup per packet whatever the number of services.
-//! - Per service port: `svc/ID` picks among all usable endpoints, `local/ID` among this node's,
-//!   and with externalTrafficPolicy Local `ext/ID` sends external clients to `local/ID` (pods
-//!   and the node itself still get every endpoint). Picking is one rule: `dnat` to a
-//!   `numgen random mod N` map of addresses. With ClientIP affinity each endpoint gets a chain
-//!   and a timeout set instead (`ep/ID/IP/PORT`, `aff/ID/IP/PORT/TIMEOUT`).
+//! - Per service port: `svc/ID` (IP frontends) and `np/ID` (its NodePort) pick among all usable
+//!   endpoints, `local/ID` and `np-local/ID` among this node's, and with externalTrafficPolicy
+//!   Local `ext/ID` and `ext-np/ID` send external clients to the local chains (pods and the node
+//!   itself still get every endpoint).
+//! - The pick is shared: those chains end in `goto pick/MAP/PROTO/N`, whose one rule DNATs to
+//!   `frontend . numgen random mod N` looked up in one of four endpoint maps (keyed by the frontend,
+//!   so one lookup serves every service). An endpoint change is a few map elements, and there is
+//!   no set or anonymous map per service, which keeps a 10,000-service load linear for the kernel.
+//!   With ClientIP affinity each endpoint gets a chain and a timeout set instead
+//!   (`ep/ID/IP/PORT`, `aff/ID/IP/PORT/TIMEOUT`).
 //! - Service ports without usable endpoints go into `no-endpoint-ips` / `no-endpoint-nodeports`,
 //!   which the filter hooks look up: reject when the service has no endpoint at all, drop when a
 //!   Local policy leaves none on this node (as kube-proxy does).
 
-use crate::model::{Endpoint, Objects, Proto, Service, ServicePort};
+use crate::model::{Endpoint, Objects, Proto, Service, ServicePort, Slice};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -32,6 +37,22 @@ pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const HAIRPIN: &str = "hairpin";
 /// The chain a no-endpoint entry jumps to.
 pub const REJECT_CHAIN: &str = "reject-service";
+/// Endpoint maps, one per (frontend kind, endpoint set, protocol): frontend . index → endpoint
+/// address . port. (One map per protocol: nft 1.0.6 cannot reload a map typed by `th dport`.)
+pub const EP_MAPS: [&str; 12] = [
+    "ep-ips-tcp",
+    "ep-ips-udp",
+    "ep-ips-sctp",
+    "ep-ips-local-tcp",
+    "ep-ips-local-udp",
+    "ep-ips-local-sctp",
+    "ep-np-tcp",
+    "ep-np-udp",
+    "ep-np-sctp",
+    "ep-np-local-tcp",
+    "ep-np-local-udp",
+    "ep-np-local-sctp",
+];
 
 /// What the proxy needs to know about the node it runs on.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,30 +99,42 @@ pub struct Ruleset {
     pub problems: Vec<String>,
 }
 
-/// The maps and sets `elements` may name, with their nft type.
-pub const ELEMENT_TABLES: [(&str, &str, bool); 5] = [
+/// The fixed maps and sets: (name, "map" or "set", declaration). The endpoint maps ([`EP_MAPS`])
+/// come with [`ep_map_decl`].
+pub const ELEMENT_TABLES: [(&str, &str, &str); 5] = [
     (
         SERVICE_IPS,
-        "ipv4_addr . inet_proto . inet_service : verdict",
-        true,
+        "map",
+        "type ipv4_addr . inet_proto . inet_service : verdict",
     ),
     (
         SERVICE_NODEPORTS,
-        "inet_proto . inet_service : verdict",
-        true,
+        "map",
+        "type inet_proto . inet_service : verdict",
     ),
     (
         NO_ENDPOINT_IPS,
-        "ipv4_addr . inet_proto . inet_service : verdict",
-        true,
+        "map",
+        "type ipv4_addr . inet_proto . inet_service : verdict",
     ),
     (
         NO_ENDPOINT_NODEPORTS,
-        "inet_proto . inet_service : verdict",
-        true,
+        "map",
+        "type inet_proto . inet_service : verdict",
     ),
-    (HAIRPIN, "ipv4_addr . ipv4_addr", false),
+    (HAIRPIN, "set", "type ipv4_addr . ipv4_addr"),
 ];
+
+/// The declaration of an endpoint map, from its name.
+pub fn ep_map_decl(name: &str) -> String {
+    let proto = name.rsplit('-').next().unwrap_or("tcp");
+    let key = if name.starts_with("ep-np") {
+        format!("{proto} dport")
+    } else {
+        format!("ip daddr . {proto} dport")
+    };
+    format!("typeof {key} . numgen random mod 1 : ip daddr . {proto} dport")
+}
 
 struct Candidate<'a> {
     ip: Ipv4Addr,
@@ -126,21 +159,8 @@ fn usable<'a>(c: impl Iterator<Item = &'a Candidate<'a>> + Clone) -> Vec<(Ipv4Ad
         .collect()
 }
 
-fn dnat(proto: Proto, targets: &[(Ipv4Addr, u16)]) -> String {
-    let p = proto.as_str();
-    if let [(ip, port)] = targets {
-        return format!("meta l4proto {p} dnat ip to {ip}:{port}");
-    }
-    let map: Vec<String> = targets
-        .iter()
-        .enumerate()
-        .map(|(i, (ip, port))| format!("{i} : {ip} . {port}"))
-        .collect();
-    format!(
-        "meta l4proto {p} dnat ip addr . port to numgen random mod {} map {{ {} }}",
-        targets.len(),
-        map.join(", ")
-    )
+fn dnat_to(proto: Proto, (ip, port): (Ipv4Addr, u16)) -> String {
+    format!("meta l4proto {proto} dnat ip to {ip}:{port}")
 }
 
 fn ep_chain(id: &str, (ip, port): (Ipv4Addr, u16)) -> String {
@@ -149,6 +169,49 @@ fn ep_chain(id: &str, (ip, port): (Ipv4Addr, u16)) -> String {
 
 fn aff_set(id: &str, (ip, port): (Ipv4Addr, u16), timeout: u32) -> String {
     format!("aff/{id}/{ip}/{port}/{timeout}")
+}
+
+/// Which kind of frontend a chain serves, and from which endpoint set: that names the endpoint map.
+#[derive(Clone, Copy)]
+enum Pick {
+    Ips,
+    IpsLocal,
+    NodePort,
+    NodePortLocal,
+}
+
+impl Pick {
+    fn map(self, proto: Proto) -> &'static str {
+        let kind = match self {
+            Pick::Ips => 0,
+            Pick::IpsLocal => 3,
+            Pick::NodePort => 6,
+            Pick::NodePortLocal => 9,
+        };
+        let p = match proto {
+            Proto::Tcp => 0,
+            Proto::Udp => 1,
+            Proto::Sctp => 2,
+        };
+        EP_MAPS[kind + p]
+    }
+
+    fn key(self, proto: Proto) -> String {
+        match self {
+            Pick::Ips | Pick::IpsLocal => format!("ip daddr . {proto} dport"),
+            Pick::NodePort | Pick::NodePortLocal => format!("{proto} dport"),
+        }
+    }
+}
+
+/// One chain to build: its name, the rules before the pick, the endpoints, the endpoint map and
+/// the frontend keys (as in the map) it serves.
+struct ChainSpec<'a> {
+    name: String,
+    rules: Vec<String>,
+    targets: &'a [(Ipv4Addr, u16)],
+    pick: Pick,
+    keys: Vec<String>,
 }
 
 struct Builder<'a> {
@@ -167,18 +230,35 @@ impl Builder<'_> {
             .insert(key, value);
     }
 
-    /// The rules that send a connection to one of `targets`, after `prefix` rules.
-    fn pick_chain(
-        &mut self,
-        name: String,
-        id: &str,
-        mut rules: Vec<String>,
-        proto: Proto,
-        targets: &[(Ipv4Addr, u16)],
-        affinity: Option<u32>,
-    ) {
+    /// Builds `spec.name`: its rules, then a jump to one of its targets — through the shared pick
+    /// chain and endpoint map (whose elements for the chain's frontends it adds), or with affinity
+    /// through per-endpoint chains.
+    fn chain(&mut self, id: &str, proto: Proto, affinity: Option<u32>, spec: ChainSpec) {
+        let ChainSpec {
+            name,
+            mut rules,
+            targets,
+            pick,
+            keys,
+        } = spec;
         match affinity {
-            None => rules.push(dnat(proto, targets)),
+            None => {
+                let n = targets.len();
+                let map = pick.map(proto);
+                let pick_chain = format!("pick/{map}/{n}");
+                let key = pick.key(proto);
+                self.rs.chains.entry(pick_chain.clone()).or_insert_with(|| {
+                    vec![format!(
+                        "dnat ip addr . port to {key} . numgen random mod {n} map @{map}"
+                    )]
+                });
+                for k in &keys {
+                    for (i, (ip, port)) in targets.iter().enumerate() {
+                        self.element(map, format!("{k} . {i}"), format!("{ip} . {port}"));
+                    }
+                }
+                rules.push(format!("goto {pick_chain}"));
+            }
             Some(timeout) => {
                 for &t in targets {
                     let set = aff_set(id, t, timeout);
@@ -186,7 +266,7 @@ impl Builder<'_> {
                     self.rs.sets.insert(set.clone(), timeout);
                     self.rs.chains.insert(
                         ep_chain(id, t),
-                        vec![format!("update @{set} {{ ip saddr }}"), dnat(proto, &[t])],
+                        vec![format!("update @{set} {{ ip saddr }}"), dnat_to(proto, t)],
                     );
                 }
                 let vmap: Vec<String> = targets
@@ -221,7 +301,22 @@ impl Builder<'_> {
         }
     }
 
-    fn service(&mut self, svc: &Service, objects: &Objects) {
+    fn claim_nodeport(&mut self, svc: &str, np: u16, proto: Proto) -> bool {
+        match self.claimed_nodeports.get(&(proto, np)) {
+            Some(other) => {
+                self.rs.problems.push(format!(
+                    "service {svc}: nodePort {np}/{proto} is already service {other}'s; left out"
+                ));
+                false
+            }
+            None => {
+                self.claimed_nodeports.insert((proto, np), svc.to_string());
+                true
+            }
+        }
+    }
+
+    fn service(&mut self, svc: &Service, slices: &[&Slice]) {
         let sid = svc.id();
         let mut local_ips = BTreeSet::new();
         for p in &svc.ports {
@@ -230,11 +325,7 @@ impl Builder<'_> {
             // twice (slices overlap during updates) counts once.
             let mut seen = BTreeSet::new();
             let mut cands: Vec<Candidate> = Vec::new();
-            for s in objects
-                .slices
-                .iter()
-                .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
-            {
+            for s in slices {
                 let Some(&(_, _, port)) = s
                     .ports
                     .iter()
@@ -262,7 +353,6 @@ impl Builder<'_> {
             let local = usable(cands.iter().filter(|c| c.local));
             local_ips.extend(local.iter().map(|(ip, _)| *ip));
 
-            let mut frontends = Vec::new();
             let internal: Vec<Ipv4Addr> = svc
                 .cluster_ip
                 .into_iter()
@@ -274,27 +364,15 @@ impl Builder<'_> {
                 .copied()
                 .filter(|&ip| self.claim_ip(&sid, ip, p))
                 .collect();
-            let node_port = p.node_port.filter(|&np| {
-                match self.claimed_nodeports.get(&(p.proto, np)) {
-                    Some(other) => {
-                        self.rs.problems.push(format!(
-                            "service {sid}: nodePort {np}/{} is already service {other}'s; left out",
-                            p.proto
-                        ));
-                        false
-                    }
-                    None => {
-                        self.claimed_nodeports.insert((p.proto, np), sid.clone());
-                        true
-                    }
-                }
-            });
-            frontends.extend(internal.iter().map(|&ip| Frontend::Ip(ip, p.port)));
-            frontends.extend(external.iter().map(|&ip| Frontend::Ip(ip, p.port)));
+            let node_port = p
+                .node_port
+                .filter(|&np| self.claim_nodeport(&sid, np, p.proto));
+            let mut frontends: Vec<Frontend> = internal
+                .iter()
+                .chain(&external)
+                .map(|&ip| Frontend::Ip(ip, p.port))
+                .collect();
             frontends.extend(node_port.map(Frontend::NodePort));
-            let proto = p.proto.as_str();
-            let ip_key = |ip: Ipv4Addr| format!("{ip} . {proto} . {}", p.port);
-            let np_key = |np: u16| format!("{proto} . {np}");
             self.rs.ports.insert(
                 id.clone(),
                 PortState {
@@ -305,6 +383,12 @@ impl Builder<'_> {
                     endpoints: cluster.iter().copied().collect(),
                 },
             );
+            let proto = p.proto;
+            // Keys of the verdict maps (with the protocol) and of the endpoint maps (per protocol).
+            let ip_key = |ip: Ipv4Addr| format!("{ip} . {proto} . {}", p.port);
+            let np_key = |np: u16| format!("{proto} . {np}");
+            let ip_ep_key = |ip: Ipv4Addr| format!("{ip} . {}", p.port);
+            let np_ep_key = |np: u16| np.to_string();
 
             if cluster.is_empty() {
                 let reject = format!("goto {REJECT_CHAIN}");
@@ -316,8 +400,9 @@ impl Builder<'_> {
                 }
                 continue;
             }
-            self.rs.counters.insert(format!("count/{id}"));
-            let counter = format!("counter name \"count/{id}\"");
+            let counter_name = format!("count/{id}");
+            self.rs.counters.insert(counter_name.clone());
+            let counter = format!("counter name \"{counter_name}\"");
             for &(ip, _) in cluster.iter() {
                 if self.facts.local_subnet.contains(&ip) {
                     self.element(HAIRPIN, format!("{ip} . {ip}"), String::new());
@@ -329,30 +414,83 @@ impl Builder<'_> {
                 "ip saddr != {} fib saddr type != local meta mark set meta mark | {MASQ_MARK:#x}",
                 self.facts.cluster_cidr
             );
-            let svc_chain = format!("svc/{id}");
-            self.pick_chain(
-                svc_chain.clone(),
-                &id,
-                vec![counter.clone(), masq],
-                p.proto,
-                &cluster,
-                svc.affinity,
-            );
-            let local_chain = format!("local/{id}");
-            let wants_local = (svc.internal_local && !internal.is_empty())
-                || (svc.external_local && (!external.is_empty() || node_port.is_some()));
-            if wants_local && !local.is_empty() {
-                self.pick_chain(
-                    local_chain.clone(),
+            let (svc_chain, local_chain) = (format!("svc/{id}"), format!("local/{id}"));
+            let (np_chain, np_local_chain) = (format!("np/{id}"), format!("np-local/{id}"));
+            let internal_local = svc.internal_local && !internal.is_empty();
+            let external_local = svc.external_local;
+
+            // IP frontends served from every endpoint: the ClusterIP (policy Cluster) and the
+            // external IPs (policy Cluster, or pods and the node under policy Local).
+            let mut cluster_keys: Vec<String> = external.iter().map(|&ip| ip_ep_key(ip)).collect();
+            if !internal_local {
+                cluster_keys.extend(internal.iter().map(|&ip| ip_ep_key(ip)));
+            }
+            if !cluster_keys.is_empty() {
+                self.chain(
                     &id,
-                    vec![counter.clone()],
-                    p.proto,
-                    &local,
+                    proto,
                     svc.affinity,
+                    ChainSpec {
+                        name: svc_chain.clone(),
+                        rules: vec![counter.clone(), masq.clone()],
+                        targets: &cluster,
+                        pick: Pick::Ips,
+                        keys: cluster_keys,
+                    },
                 );
             }
+            let mut local_keys: Vec<String> = Vec::new();
+            if internal_local {
+                local_keys.extend(internal.iter().map(|&ip| ip_ep_key(ip)));
+            }
+            if external_local {
+                local_keys.extend(external.iter().map(|&ip| ip_ep_key(ip)));
+            }
+            if !local_keys.is_empty() && !local.is_empty() {
+                self.chain(
+                    &id,
+                    proto,
+                    svc.affinity,
+                    ChainSpec {
+                        name: local_chain.clone(),
+                        rules: vec![counter.clone()],
+                        targets: &local,
+                        pick: Pick::IpsLocal,
+                        keys: local_keys,
+                    },
+                );
+            }
+            if let Some(np) = node_port {
+                self.chain(
+                    &id,
+                    proto,
+                    svc.affinity,
+                    ChainSpec {
+                        name: np_chain.clone(),
+                        rules: vec![counter.clone(), masq.clone()],
+                        targets: &cluster,
+                        pick: Pick::NodePort,
+                        keys: vec![np_ep_key(np)],
+                    },
+                );
+                if external_local && !local.is_empty() {
+                    self.chain(
+                        &id,
+                        proto,
+                        svc.affinity,
+                        ChainSpec {
+                            name: np_local_chain.clone(),
+                            rules: vec![counter.clone()],
+                            targets: &local,
+                            pick: Pick::NodePortLocal,
+                            keys: vec![np_ep_key(np)],
+                        },
+                    );
+                }
+            }
+
             for &ip in &internal {
-                match (svc.internal_local, local.is_empty()) {
+                match (internal_local, local.is_empty()) {
                     (true, true) => self.element(NO_ENDPOINT_IPS, ip_key(ip), "drop".into()),
                     (true, false) => {
                         self.element(SERVICE_IPS, ip_key(ip), format!("goto {local_chain}"))
@@ -362,12 +500,12 @@ impl Builder<'_> {
                     }
                 }
             }
-            let external_target = if svc.external_local {
-                let ext = format!("ext/{id}");
+            // Under externalTrafficPolicy Local: pods and the node itself are not external, they
+            // get every endpoint; external clients get this node's, or are dropped.
+            let ext_chain = |b: &mut Self, name: String, all: &str, local_chain: &str| {
                 let mut rules = vec![
-                    // Pods and the node itself are not external: they get every endpoint.
-                    format!("ip saddr {} goto {svc_chain}", self.facts.cluster_cidr),
-                    format!("fib saddr type local goto {svc_chain}"),
+                    format!("ip saddr {} goto {all}", b.facts.cluster_cidr),
+                    format!("fib saddr type local goto {all}"),
                 ];
                 if local.is_empty() {
                     rules.push(counter.clone());
@@ -375,20 +513,26 @@ impl Builder<'_> {
                 } else {
                     rules.push(format!("goto {local_chain}"));
                 }
-                self.rs.chains.insert(ext.clone(), rules);
-                ext
-            } else {
-                svc_chain.clone()
+                b.rs.chains.insert(name.clone(), rules);
+                name
             };
-            for &ip in &external {
-                self.element(SERVICE_IPS, ip_key(ip), format!("goto {external_target}"));
+            if !external.is_empty() {
+                let target = if external_local {
+                    ext_chain(self, format!("ext/{id}"), &svc_chain, &local_chain)
+                } else {
+                    svc_chain.clone()
+                };
+                for &ip in &external {
+                    self.element(SERVICE_IPS, ip_key(ip), format!("goto {target}"));
+                }
             }
             if let Some(np) = node_port {
-                self.element(
-                    SERVICE_NODEPORTS,
-                    np_key(np),
-                    format!("goto {external_target}"),
-                );
+                let target = if external_local {
+                    ext_chain(self, format!("ext-np/{id}"), &np_chain, &np_local_chain)
+                } else {
+                    np_chain.clone()
+                };
+                self.element(SERVICE_NODEPORTS, np_key(np), format!("goto {target}"));
             }
         }
         if let (true, Some(hc)) = (svc.external_local, svc.health_check_node_port) {
@@ -409,10 +553,22 @@ pub fn compile(facts: &NodeFacts, objects: &Objects) -> Ruleset {
         claimed_ips: BTreeMap::new(),
         claimed_nodeports: BTreeMap::new(),
     };
+    // Slices by (namespace, service), once: a scan per service port is quadratic at 10k services.
+    let mut slices: BTreeMap<(&str, &str), Vec<&Slice>> = BTreeMap::new();
+    for s in &objects.slices {
+        slices
+            .entry((s.namespace.as_str(), s.service.as_str()))
+            .or_default()
+            .push(s);
+    }
     let mut services: Vec<&Service> = objects.services.iter().collect();
     services.sort_by_key(|s| (s.namespace.as_str(), s.name.as_str()));
     for s in services {
-        b.service(s, objects);
+        let mine = slices
+            .get(&(s.namespace.as_str(), s.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        b.service(s, mine);
     }
     b.rs
 }

@@ -9,7 +9,7 @@ pub mod nft;
 pub mod render;
 
 pub use compile::{compile, NodeFacts, Ruleset};
-pub use model::{parse_all, Objects};
+pub use model::{parse_all, Cache, Objects};
 
 use std::time::Instant;
 

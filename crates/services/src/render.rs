@@ -84,6 +84,15 @@ fn fixed_chains(facts: &NodeFacts) -> Vec<(&'static str, Option<&'static str>, V
     ]
 }
 
+/// Every map and set that holds elements: (name, "map" or "set", declaration).
+fn element_tables() -> Vec<(&'static str, &'static str, String)> {
+    ELEMENT_TABLES
+        .iter()
+        .map(|(n, k, d)| (*n, *k, d.to_string()))
+        .chain(EP_MAPS.iter().map(|n| (*n, "map", ep_map_decl(n))))
+        .collect()
+}
+
 fn add_set(out: &mut String, name: &str, timeout: u32) {
     writeln!(
         out,
@@ -143,9 +152,8 @@ fn delete_elements<'a>(out: &mut String, table: &str, keys: impl Iterator<Item =
 fn everything(facts: &NodeFacts, rs: &Ruleset, in_place: bool) -> String {
     let mut out = String::with_capacity(256 + rs.chains.len() * 160);
     writeln!(out, "add table ip {TABLE}").unwrap();
-    for (name, ty, _) in ELEMENT_TABLES {
-        let kind = if name == HAIRPIN { "set" } else { "map" };
-        writeln!(out, "add {kind} ip {TABLE} {name} {{ type {ty}; }}").unwrap();
+    for (name, kind, decl) in element_tables() {
+        writeln!(out, "add {kind} ip {TABLE} {name} {{ {decl}; }}").unwrap();
     }
     for c in &rs.counters {
         writeln!(out, "add counter ip {TABLE} {c}").unwrap();
@@ -169,9 +177,8 @@ fn everything(facts: &NodeFacts, rs: &Ruleset, in_place: bool) -> String {
     for (name, rules) in &rs.chains {
         fill_chain(&mut out, name, rules, in_place);
     }
-    for (name, _, _) in ELEMENT_TABLES {
+    for (name, kind, _) in element_tables() {
         if in_place {
-            let kind = if name == HAIRPIN { "set" } else { "map" };
             writeln!(out, "flush {kind} ip {TABLE} {name}").unwrap();
         }
         if let Some(e) = rs.elements.get(name) {
@@ -221,7 +228,7 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
         }
     }
     let empty = Default::default();
-    for (table, _, _) in ELEMENT_TABLES {
+    for (table, _, _) in element_tables() {
         let o = old.elements.get(table).unwrap_or(&empty);
         let n = new.elements.get(table).unwrap_or(&empty);
         let gone = o

@@ -45,24 +45,43 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
 fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
     let rs = sample().compile();
     let id = "default/lb/tcp/443";
-    let ext = &rs.chains[&format!("ext/{id}")];
-    assert_eq!(ext[0], format!("ip saddr 10.244.0.0/16 goto svc/{id}"));
-    assert_eq!(ext[1], format!("fib saddr type local goto svc/{id}"));
-    assert_eq!(ext[2], format!("goto local/{id}"));
+    for (ext, all, local) in [("ext", "svc", "local"), ("ext-np", "np", "np-local")] {
+        let chain = &rs.chains[&format!("{ext}/{id}")];
+        assert_eq!(chain[0], format!("ip saddr 10.244.0.0/16 goto {all}/{id}"));
+        assert_eq!(chain[1], format!("fib saddr type local goto {all}/{id}"));
+        assert_eq!(chain[2], format!("goto {local}/{id}"));
+    }
     // Only the local endpoint, and no masquerade mark: the client's address is preserved.
     assert_eq!(
         rs.chains[&format!("local/{id}")],
         vec![
             format!("counter name \"count/{id}\""),
-            "meta l4proto tcp dnat ip to 10.244.1.6:8443".to_string()
+            "goto pick/ep-ips-local-tcp/1".to_string()
         ]
     );
-    for key in ["192.0.2.20 . tcp . 443", "198.51.100.20 . tcp . 443"] {
-        assert_eq!(rs.elements[SERVICE_IPS][key], format!("goto ext/{id}"));
+    for ip in ["192.0.2.20", "198.51.100.20"] {
+        assert_eq!(
+            rs.elements[SERVICE_IPS][&format!("{ip} . tcp . 443")],
+            format!("goto ext/{id}")
+        );
+        assert_eq!(
+            rs.elements["ep-ips-local-tcp"][&format!("{ip} . 443 . 0")],
+            "10.244.1.6 . 8443"
+        );
+        // Pods and the node reaching the external IP get both endpoints.
+        assert_eq!(
+            rs.elements["ep-ips-tcp"][&format!("{ip} . 443 . 1")],
+            "10.244.2.6 . 8443"
+        );
     }
     assert_eq!(
         rs.elements[SERVICE_NODEPORTS]["tcp . 30443"],
-        format!("goto ext/{id}")
+        format!("goto ext-np/{id}")
+    );
+    assert_eq!(rs.elements["ep-np-local-tcp"].len(), 1);
+    assert_eq!(
+        rs.elements["ep-np-local-tcp"]["30443 . 0"],
+        "10.244.1.6 . 8443"
     );
     // The ClusterIP stays cluster-wide.
     assert_eq!(
@@ -74,12 +93,16 @@ fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
 
 #[test]
 fn terminating_endpoints_only_when_none_is_ready() {
-    let rs = sample().compile();
-    assert_eq!(
-        rs.chains["svc/default/rolling/tcp/80"].last().unwrap(),
-        "meta l4proto tcp dnat ip to 10.244.2.9:80"
-    );
-    // With a ready endpoint beside it, the terminating one is not used.
+    let endpoints = |rs: &weft_services::Ruleset| -> Vec<String> {
+        rs.elements["ep-ips-tcp"]
+            .iter()
+            .filter(|(k, _)| k.starts_with("10.96.0.50 . 80 . "))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    // Only terminating endpoints: the serving one is used, the other not.
+    assert_eq!(endpoints(&sample().compile()), ["10.244.2.9 . 80"]);
+    // With a ready endpoint beside them, the terminating ones are not used.
     let mut o = sample();
     o.slice(slice(
         "rolling-2",
@@ -89,11 +112,7 @@ fn terminating_endpoints_only_when_none_is_ready() {
         80,
         &[ready("10.244.3.10", "node3")],
     ));
-    let rs = o.compile();
-    assert_eq!(
-        rs.chains["svc/default/rolling/tcp/80"].last().unwrap(),
-        "meta l4proto tcp dnat ip to 10.244.3.10:80"
-    );
+    assert_eq!(endpoints(&o.compile()), ["10.244.3.10 . 80"]);
 }
 
 #[test]
@@ -157,8 +176,32 @@ fn bad_services_are_named_and_the_rest_is_programmed() {
 }
 
 #[test]
-fn one_endpoint_change_touches_one_chain() {
+fn one_endpoint_change_is_two_map_elements() {
     let before = sample().compile();
+    // One endpoint replaced: the same number of endpoints, so no chain changes at all.
+    let mut o = sample();
+    o.slice(slice(
+        "web-1",
+        "web",
+        "http",
+        "TCP",
+        8080,
+        &[
+            ready("10.244.1.5", "node1"),
+            ready("10.244.2.5", "node2"),
+            ready("10.244.3.6", "node3"),
+        ],
+    ));
+    let d = render::diff(&before, &o.compile());
+    assert_eq!(
+        d,
+        "delete element ip weft ep-ips-tcp { 10.96.0.10 . 80 . 2 }\n\
+         add element ip weft ep-ips-tcp { 10.96.0.10 . 80 . 2 : 10.244.3.6 . 8080 }\n\
+         delete element ip weft ep-np-tcp { 30080 . 2 }\n\
+         add element ip weft ep-np-tcp { 30080 . 2 : 10.244.3.6 . 8080 }\n"
+    );
+    // One endpoint fewer: the service's chains move to the 2-endpoint pick, the third element
+    // goes, and the 3-endpoint pick chains nothing uses any more are deleted.
     let mut o = sample();
     o.slice(slice(
         "web-1",
@@ -170,14 +213,15 @@ fn one_endpoint_change_touches_one_chain() {
     ));
     let after = o.compile();
     let d = render::diff(&before, &after);
-    assert_eq!(
-        d,
-        "flush chain ip weft svc/default/web/http/tcp/80\n\
-         add rule ip weft svc/default/web/http/tcp/80 counter name \"count/default/web/http/tcp/80\"\n\
-         add rule ip weft svc/default/web/http/tcp/80 ip saddr != 10.244.0.0/16 fib saddr type != local meta mark set meta mark | 0x4000\n\
-         add rule ip weft svc/default/web/http/tcp/80 meta l4proto tcp dnat ip addr . port to numgen random mod 2 map { 0 : 10.244.1.5 . 8080, 1 : 10.244.2.5 . 8080 }\n"
-            .replace("/http/tcp", "/tcp")
-    );
+    for want in [
+        "add rule ip weft svc/default/web/tcp/80 goto pick/ep-ips-tcp/2\n",
+        "add rule ip weft np/default/web/tcp/80 goto pick/ep-np-tcp/2\n",
+        "delete element ip weft ep-ips-tcp { 10.96.0.10 . 80 . 2 }\n",
+        "delete chain ip weft pick/ep-ips-tcp/3\n",
+    ] {
+        assert!(d.contains(want), "{want:?} missing from:\n{d}");
+    }
+    assert_eq!(d.lines().count(), 14, "{d}");
     assert_eq!(render::diff(&after, &after), "");
 }
 
