@@ -4,17 +4,17 @@
 //! Shape (see docs/services.md):
 //! - `service-ips` maps `daddr . l4proto . dport` of every ClusterIP, external IP and load-balancer
 //!   IP to a verdict, `service-nodeports` maps `l4proto . dport` on the node's own addresses; one
-//!   lookup per packet whatever the number of services.
-//! - Per service port: `svc/ID` (IP frontends) and `np/ID` (its NodePort) pick among all usable
-//!   endpoints, `local/ID` and `np-local/ID` among this node's, and with externalTrafficPolicy
-//!   Local `ext/ID` and `ext-np/ID` send external clients to the local chains (pods and the node
-//!   itself still get every endpoint).
-//! - The pick is shared: those chains end in `goto pick/MAP/PROTO/N`, whose one rule DNATs to
-//!   `frontend . numgen random mod N` looked up in one of four endpoint maps (keyed by the frontend,
-//!   so one lookup serves every service). An endpoint change is a few map elements, and there is
-//!   no set or anonymous map per service, which keeps a 10,000-service load linear for the kernel.
-//!   With ClientIP affinity each endpoint gets a chain and a timeout set instead
-//!   (`ep/ID/IP/PORT`, `aff/ID/IP/PORT/TIMEOUT`).
+//!   lookup per packet whatever the number of services. Each element counts its connections.
+//! - A verdict jumps to a pick chain shared by every service with the same number of endpoints:
+//!   `pick/MAP/N` DNATs to `frontend . numgen random mod N` looked up in an endpoint map (one per
+//!   frontend kind, endpoint set and protocol). So a service is map elements, not chains: an
+//!   endpoint change is a few elements, and the table has a few dozen chains whatever the number
+//!   of services (nft reads every chain before each transaction; 20,000 chains cost 40 ms each
+//!   time). Cluster-wide picks also set the masquerade mark for clients outside the cluster.
+//! - externalTrafficPolicy Local: `ext/MAP/N/L` (shared too) sends pods and the node to the
+//!   cluster-wide pick and external clients to the local one (or drops them).
+//! - ClientIP affinity needs per-service state: `svc/ID` checks a timeout set per endpoint
+//!   (`aff/ID/IP/PORT/TIMEOUT`) and jumps to `ep/ID/IP/PORT`, which refreshes it and DNATs.
 //! - Service ports without usable endpoints go into `no-endpoint-ips` / `no-endpoint-nodeports`,
 //!   which the filter hooks look up: reject when the service has no endpoint at all, drop when a
 //!   Local policy leaves none on this node (as kube-proxy does).
@@ -82,14 +82,13 @@ pub struct PortState {
     pub endpoints: BTreeSet<(Ipv4Addr, u16)>,
 }
 
-/// The variable part of the table. `elements` holds, per map or set, key → verdict ("" in a set).
+/// The variable part of the table. `elements` holds, per map or set, key → value ("" in a set).
+/// Connections are counted per element of `service-ips` and `service-nodeports`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Ruleset {
     pub chains: BTreeMap<String, Vec<String>>,
     /// Affinity sets: name → timeout in seconds.
     pub sets: BTreeMap<String, u32>,
-    /// Named counters, `count/ID`: connections (first packets) per service port.
-    pub counters: BTreeSet<String>,
     pub elements: BTreeMap<&'static str, BTreeMap<String, String>>,
     /// Service port id (`ns/name/proto/port`) → what it serves.
     pub ports: BTreeMap<String, PortState>,
@@ -105,12 +104,12 @@ pub const ELEMENT_TABLES: [(&str, &str, &str); 5] = [
     (
         SERVICE_IPS,
         "map",
-        "type ipv4_addr . inet_proto . inet_service : verdict",
+        "type ipv4_addr . inet_proto . inet_service : verdict; counter",
     ),
     (
         SERVICE_NODEPORTS,
         "map",
-        "type inet_proto . inet_service : verdict",
+        "type inet_proto . inet_service : verdict; counter",
     ),
     (
         NO_ENDPOINT_IPS,
@@ -159,10 +158,6 @@ fn usable<'a>(c: impl Iterator<Item = &'a Candidate<'a>> + Clone) -> Vec<(Ipv4Ad
         .collect()
 }
 
-fn dnat_to(proto: Proto, (ip, port): (Ipv4Addr, u16)) -> String {
-    format!("meta l4proto {proto} dnat ip to {ip}:{port}")
-}
-
 fn ep_chain(id: &str, (ip, port): (Ipv4Addr, u16)) -> String {
     format!("ep/{id}/{ip}/{port}")
 }
@@ -171,8 +166,8 @@ fn aff_set(id: &str, (ip, port): (Ipv4Addr, u16), timeout: u32) -> String {
     format!("aff/{id}/{ip}/{port}/{timeout}")
 }
 
-/// Which kind of frontend a chain serves, and from which endpoint set: that names the endpoint map.
-#[derive(Clone, Copy)]
+/// Which kind of frontend, and which endpoint set: that names the endpoint map.
+#[derive(Clone, Copy, PartialEq)]
 enum Pick {
     Ips,
     IpsLocal,
@@ -202,16 +197,13 @@ impl Pick {
             Pick::NodePort | Pick::NodePortLocal => format!("{proto} dport"),
         }
     }
-}
 
-/// One chain to build: its name, the rules before the pick, the endpoints, the endpoint map and
-/// the frontend keys (as in the map) it serves.
-struct ChainSpec<'a> {
-    name: String,
-    rules: Vec<String>,
-    targets: &'a [(Ipv4Addr, u16)],
-    pick: Pick,
-    keys: Vec<String>,
+    fn local(self) -> Pick {
+        match self {
+            Pick::Ips | Pick::IpsLocal => Pick::IpsLocal,
+            Pick::NodePort | Pick::NodePortLocal => Pick::NodePortLocal,
+        }
+    }
 }
 
 struct Builder<'a> {
@@ -230,58 +222,98 @@ impl Builder<'_> {
             .insert(key, value);
     }
 
-    /// Builds `spec.name`: its rules, then a jump to one of its targets — through the shared pick
-    /// chain and endpoint map (whose elements for the chain's frontends it adds), or with affinity
-    /// through per-endpoint chains.
-    fn chain(&mut self, id: &str, proto: Proto, affinity: Option<u32>, spec: ChainSpec) {
-        let ChainSpec {
-            name,
-            mut rules,
-            targets,
-            pick,
-            keys,
-        } = spec;
-        match affinity {
-            None => {
-                let n = targets.len();
-                let map = pick.map(proto);
-                let pick_chain = format!("pick/{map}/{n}");
-                let key = pick.key(proto);
-                self.rs.chains.entry(pick_chain.clone()).or_insert_with(|| {
-                    vec![format!(
-                        "dnat ip addr . port to {key} . numgen random mod {n} map @{map}"
-                    )]
-                });
-                for k in &keys {
-                    for (i, (ip, port)) in targets.iter().enumerate() {
-                        self.element(map, format!("{k} . {i}"), format!("{ip} . {port}"));
-                    }
-                }
-                rules.push(format!("goto {pick_chain}"));
+    /// Clients outside the cluster and the node get the masquerade mark: postrouting
+    /// masquerades them if the endpoint is on another node, or its reply would bypass this
+    /// node's conntrack.
+    fn masq_rule(&self) -> String {
+        format!(
+            "ip saddr != {} fib saddr type != local meta mark set meta mark | {MASQ_MARK:#x}",
+            self.facts.cluster_cidr
+        )
+    }
+
+    /// The shared chain that picks one of `n` endpoints from `pick`'s map; returns its name.
+    fn pick_chain(&mut self, pick: Pick, proto: Proto, n: usize) -> String {
+        let map = pick.map(proto);
+        let name = format!("pick/{map}/{n}");
+        if !self.rs.chains.contains_key(&name) {
+            let mut rules = Vec::new();
+            if matches!(pick, Pick::Ips | Pick::NodePort) {
+                rules.push(self.masq_rule());
             }
-            Some(timeout) => {
-                for &t in targets {
-                    let set = aff_set(id, t, timeout);
-                    rules.push(format!("ip saddr @{set} goto {}", ep_chain(id, t)));
-                    self.rs.sets.insert(set.clone(), timeout);
-                    self.rs.chains.insert(
-                        ep_chain(id, t),
-                        vec![format!("update @{set} {{ ip saddr }}"), dnat_to(proto, t)],
-                    );
-                }
-                let vmap: Vec<String> = targets
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &t)| format!("{i} : goto {}", ep_chain(id, t)))
-                    .collect();
-                rules.push(format!(
-                    "numgen random mod {} vmap {{ {} }}",
-                    targets.len(),
-                    vmap.join(", ")
-                ));
-            }
+            rules.push(format!(
+                "dnat ip addr . port to {} . numgen random mod {n} map @{map}",
+                pick.key(proto)
+            ));
+            self.rs.chains.insert(name.clone(), rules);
         }
-        self.rs.chains.insert(name, rules);
+        name
+    }
+
+    /// Where a frontend's connections go: to the shared pick of `targets` (adding the frontend's
+    /// elements to the endpoint map), or with affinity to the service's own chain.
+    fn route(
+        &mut self,
+        id: &str,
+        proto: Proto,
+        affinity: Option<u32>,
+        pick: Pick,
+        key: &str,
+        targets: &[(Ipv4Addr, u16)],
+    ) -> String {
+        if let Some(timeout) = affinity {
+            return self.affinity_chain(id, proto, timeout, pick, targets);
+        }
+        let map = pick.map(proto);
+        for (i, (ip, port)) in targets.iter().enumerate() {
+            self.element(map, format!("{key} . {i}"), format!("{ip} . {port}"));
+        }
+        self.pick_chain(pick, proto, targets.len())
+    }
+
+    /// ClientIP affinity: a timeout set and a chain per endpoint; a client seen within the
+    /// timeout goes back to its endpoint, others pick at random. Returns the chain's name.
+    fn affinity_chain(
+        &mut self,
+        id: &str,
+        proto: Proto,
+        timeout: u32,
+        pick: Pick,
+        targets: &[(Ipv4Addr, u16)],
+    ) -> String {
+        let local = matches!(pick, Pick::IpsLocal | Pick::NodePortLocal);
+        let name = format!("{}/{id}", if local { "local" } else { "svc" });
+        if self.rs.chains.contains_key(&name) {
+            return name;
+        }
+        let mut rules = Vec::new();
+        if !local {
+            rules.push(self.masq_rule());
+        }
+        for &t in targets {
+            let set = aff_set(id, t, timeout);
+            rules.push(format!("ip saddr @{set} goto {}", ep_chain(id, t)));
+            self.rs.sets.insert(set.clone(), timeout);
+            self.rs.chains.insert(
+                ep_chain(id, t),
+                vec![
+                    format!("update @{set} {{ ip saddr }}"),
+                    format!("meta l4proto {proto} dnat ip to {}:{}", t.0, t.1),
+                ],
+            );
+        }
+        let vmap: Vec<String> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| format!("{i} : goto {}", ep_chain(id, t)))
+            .collect();
+        rules.push(format!(
+            "numgen random mod {} vmap {{ {} }}",
+            targets.len(),
+            vmap.join(", ")
+        ));
+        self.rs.chains.insert(name.clone(), rules);
+        name
     }
 
     fn claim_ip(&mut self, svc: &str, ip: Ipv4Addr, p: &ServicePort) -> bool {
@@ -314,6 +346,72 @@ impl Builder<'_> {
                 true
             }
         }
+    }
+
+    /// One frontend of a service port: its verdict (or its no-endpoint entry).
+    #[allow(clippy::too_many_arguments)]
+    fn frontend(
+        &mut self,
+        svc: &Service,
+        id: &str,
+        proto: Proto,
+        pick: Pick,
+        ep_key: &str,
+        verdict: (&'static str, String),
+        policy_local: bool,
+        external: bool,
+        cluster: &[(Ipv4Addr, u16)],
+        local: &[(Ipv4Addr, u16)],
+    ) {
+        let (table, key) = verdict;
+        let none = if matches!(pick, Pick::Ips) {
+            NO_ENDPOINT_IPS
+        } else {
+            NO_ENDPOINT_NODEPORTS
+        };
+        if cluster.is_empty() {
+            self.element(none, key, format!("goto {REJECT_CHAIN}"));
+            return;
+        }
+        if !policy_local {
+            let c = self.route(id, proto, svc.affinity, pick, ep_key, cluster);
+            self.element(table, key, format!("goto {c}"));
+            return;
+        }
+        if !external {
+            // internalTrafficPolicy Local: this node's endpoints, or nothing.
+            if local.is_empty() {
+                self.element(none, key, "drop".into());
+            } else {
+                let c = self.route(id, proto, svc.affinity, pick.local(), ep_key, local);
+                self.element(table, key, format!("goto {c}"));
+            }
+            return;
+        }
+        // externalTrafficPolicy Local: pods and the node itself are not external, they get every
+        // endpoint; external clients get this node's, or are dropped.
+        let all = self.route(id, proto, svc.affinity, pick, ep_key, cluster);
+        let (name, last) = if local.is_empty() {
+            (
+                format!("ext/{}/none", all.trim_start_matches("pick/")),
+                "drop".to_string(),
+            )
+        } else {
+            let l = self.route(id, proto, svc.affinity, pick.local(), ep_key, local);
+            let name = format!(
+                "ext/{}/{}",
+                all.trim_start_matches("pick/"),
+                l.trim_start_matches("pick/")
+            );
+            (name, format!("goto {l}"))
+        };
+        let rules = vec![
+            format!("ip saddr {} goto {all}", self.facts.cluster_cidr),
+            format!("fib saddr type local goto {all}"),
+            last,
+        ];
+        self.rs.chains.insert(name.clone(), rules);
+        self.element(table, key, format!("goto {name}"));
     }
 
     fn service(&mut self, svc: &Service, slices: &[&Slice]) {
@@ -352,6 +450,11 @@ impl Builder<'_> {
             let cluster = usable(cands.iter());
             let local = usable(cands.iter().filter(|c| c.local));
             local_ips.extend(local.iter().map(|(ip, _)| *ip));
+            for &(ip, _) in &cluster {
+                if self.facts.local_subnet.contains(&ip) {
+                    self.element(HAIRPIN, format!("{ip} . {ip}"), String::new());
+                }
+            }
 
             let internal: Vec<Ipv4Addr> = svc
                 .cluster_ip
@@ -384,155 +487,42 @@ impl Builder<'_> {
                 },
             );
             let proto = p.proto;
-            // Keys of the verdict maps (with the protocol) and of the endpoint maps (per protocol).
-            let ip_key = |ip: Ipv4Addr| format!("{ip} . {proto} . {}", p.port);
-            let np_key = |np: u16| format!("{proto} . {np}");
-            let ip_ep_key = |ip: Ipv4Addr| format!("{ip} . {}", p.port);
-            let np_ep_key = |np: u16| np.to_string();
-
-            if cluster.is_empty() {
-                let reject = format!("goto {REJECT_CHAIN}");
-                for &ip in internal.iter().chain(&external) {
-                    self.element(NO_ENDPOINT_IPS, ip_key(ip), reject.clone());
-                }
-                if let Some(np) = node_port {
-                    self.element(NO_ENDPOINT_NODEPORTS, np_key(np), reject.clone());
-                }
-                continue;
-            }
-            let counter_name = format!("count/{id}");
-            self.rs.counters.insert(counter_name.clone());
-            let counter = format!("counter name \"{counter_name}\"");
-            for &(ip, _) in cluster.iter() {
-                if self.facts.local_subnet.contains(&ip) {
-                    self.element(HAIRPIN, format!("{ip} . {ip}"), String::new());
-                }
-            }
-            // Clients outside the cluster and the node: masquerade if the endpoint is elsewhere
-            // (postrouting checks), or the reply would bypass this node's conntrack.
-            let masq = format!(
-                "ip saddr != {} fib saddr type != local meta mark set meta mark | {MASQ_MARK:#x}",
-                self.facts.cluster_cidr
-            );
-            let (svc_chain, local_chain) = (format!("svc/{id}"), format!("local/{id}"));
-            let (np_chain, np_local_chain) = (format!("np/{id}"), format!("np-local/{id}"));
-            let internal_local = svc.internal_local && !internal.is_empty();
-            let external_local = svc.external_local;
-
-            // IP frontends served from every endpoint: the ClusterIP (policy Cluster) and the
-            // external IPs (policy Cluster, or pods and the node under policy Local).
-            let mut cluster_keys: Vec<String> = external.iter().map(|&ip| ip_ep_key(ip)).collect();
-            if !internal_local {
-                cluster_keys.extend(internal.iter().map(|&ip| ip_ep_key(ip)));
-            }
-            if !cluster_keys.is_empty() {
-                self.chain(
+            for (ip, is_external) in internal
+                .iter()
+                .map(|&ip| (ip, false))
+                .chain(external.iter().map(|&ip| (ip, true)))
+            {
+                let policy_local = if is_external {
+                    svc.external_local
+                } else {
+                    svc.internal_local
+                };
+                self.frontend(
+                    svc,
                     &id,
                     proto,
-                    svc.affinity,
-                    ChainSpec {
-                        name: svc_chain.clone(),
-                        rules: vec![counter.clone(), masq.clone()],
-                        targets: &cluster,
-                        pick: Pick::Ips,
-                        keys: cluster_keys,
-                    },
-                );
-            }
-            let mut local_keys: Vec<String> = Vec::new();
-            if internal_local {
-                local_keys.extend(internal.iter().map(|&ip| ip_ep_key(ip)));
-            }
-            if external_local {
-                local_keys.extend(external.iter().map(|&ip| ip_ep_key(ip)));
-            }
-            if !local_keys.is_empty() && !local.is_empty() {
-                self.chain(
-                    &id,
-                    proto,
-                    svc.affinity,
-                    ChainSpec {
-                        name: local_chain.clone(),
-                        rules: vec![counter.clone()],
-                        targets: &local,
-                        pick: Pick::IpsLocal,
-                        keys: local_keys,
-                    },
+                    Pick::Ips,
+                    &format!("{ip} . {}", p.port),
+                    (SERVICE_IPS, format!("{ip} . {proto} . {}", p.port)),
+                    policy_local,
+                    is_external,
+                    &cluster,
+                    &local,
                 );
             }
             if let Some(np) = node_port {
-                self.chain(
+                self.frontend(
+                    svc,
                     &id,
                     proto,
-                    svc.affinity,
-                    ChainSpec {
-                        name: np_chain.clone(),
-                        rules: vec![counter.clone(), masq.clone()],
-                        targets: &cluster,
-                        pick: Pick::NodePort,
-                        keys: vec![np_ep_key(np)],
-                    },
+                    Pick::NodePort,
+                    &np.to_string(),
+                    (SERVICE_NODEPORTS, format!("{proto} . {np}")),
+                    svc.external_local,
+                    true,
+                    &cluster,
+                    &local,
                 );
-                if external_local && !local.is_empty() {
-                    self.chain(
-                        &id,
-                        proto,
-                        svc.affinity,
-                        ChainSpec {
-                            name: np_local_chain.clone(),
-                            rules: vec![counter.clone()],
-                            targets: &local,
-                            pick: Pick::NodePortLocal,
-                            keys: vec![np_ep_key(np)],
-                        },
-                    );
-                }
-            }
-
-            for &ip in &internal {
-                match (internal_local, local.is_empty()) {
-                    (true, true) => self.element(NO_ENDPOINT_IPS, ip_key(ip), "drop".into()),
-                    (true, false) => {
-                        self.element(SERVICE_IPS, ip_key(ip), format!("goto {local_chain}"))
-                    }
-                    (false, _) => {
-                        self.element(SERVICE_IPS, ip_key(ip), format!("goto {svc_chain}"))
-                    }
-                }
-            }
-            // Under externalTrafficPolicy Local: pods and the node itself are not external, they
-            // get every endpoint; external clients get this node's, or are dropped.
-            let ext_chain = |b: &mut Self, name: String, all: &str, local_chain: &str| {
-                let mut rules = vec![
-                    format!("ip saddr {} goto {all}", b.facts.cluster_cidr),
-                    format!("fib saddr type local goto {all}"),
-                ];
-                if local.is_empty() {
-                    rules.push(counter.clone());
-                    rules.push("drop".into());
-                } else {
-                    rules.push(format!("goto {local_chain}"));
-                }
-                b.rs.chains.insert(name.clone(), rules);
-                name
-            };
-            if !external.is_empty() {
-                let target = if external_local {
-                    ext_chain(self, format!("ext/{id}"), &svc_chain, &local_chain)
-                } else {
-                    svc_chain.clone()
-                };
-                for &ip in &external {
-                    self.element(SERVICE_IPS, ip_key(ip), format!("goto {target}"));
-                }
-            }
-            if let Some(np) = node_port {
-                let target = if external_local {
-                    ext_chain(self, format!("ext-np/{id}"), &np_chain, &np_local_chain)
-                } else {
-                    np_chain.clone()
-                };
-                self.element(SERVICE_NODEPORTS, np_key(np), format!("goto {target}"));
             }
         }
         if let (true, Some(hc)) = (svc.external_local, svc.health_check_node_port) {

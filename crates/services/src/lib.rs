@@ -113,7 +113,8 @@ impl Proxy {
         })
     }
 
-    /// Rewrites every chain and map in place (drift repair), keeping affinity and counters.
+    /// Rewrites every chain in place and re-adds every element (drift repair), keeping affinity
+    /// and counters.
     pub fn repair(&mut self) -> Result<SyncReport, String> {
         let Some((facts, rs)) = &self.applied else {
             return Err("nothing applied yet".into());

@@ -155,9 +155,6 @@ fn everything(facts: &NodeFacts, rs: &Ruleset, in_place: bool) -> String {
     for (name, kind, decl) in element_tables() {
         writeln!(out, "add {kind} ip {TABLE} {name} {{ {decl}; }}").unwrap();
     }
-    for c in &rs.counters {
-        writeln!(out, "add counter ip {TABLE} {c}").unwrap();
-    }
     for (name, timeout) in &rs.sets {
         add_set(&mut out, name, *timeout);
     }
@@ -177,10 +174,10 @@ fn everything(facts: &NodeFacts, rs: &Ruleset, in_place: bool) -> String {
     for (name, rules) in &rs.chains {
         fill_chain(&mut out, name, rules, in_place);
     }
-    for (name, kind, _) in element_tables() {
-        if in_place {
-            writeln!(out, "flush {kind} ip {TABLE} {name}").unwrap();
-        }
+    // Maps and sets are not flushed in place: that would zero the per-element connection
+    // counters. Adding every element restores deleted ones; an element changed by hand makes the
+    // transaction fail, and the caller then replaces the table.
+    for (name, _, _) in element_tables() {
         if let Some(e) = rs.elements.get(name) {
             add_elements(&mut out, name, e.iter());
         }
@@ -197,9 +194,9 @@ pub fn full(facts: &NodeFacts, rs: &Ruleset) -> String {
     )
 }
 
-/// Rewrites every chain and map of the table in place: restores anything deleted or changed by
-/// hand, keeps affinity sets and counters. Leftover chains that nothing references are harmless
-/// and stay until the next full sync.
+/// Rewrites every chain of the table in place and adds every map element: restores anything
+/// deleted by hand and rules changed by hand, keeps affinity sets and connection counters.
+/// Leftovers (a chain or element added by hand) stay until the next full sync.
 pub fn repair(facts: &NodeFacts, rs: &Ruleset) -> String {
     everything(facts, rs, true)
 }
@@ -208,9 +205,6 @@ pub fn repair(facts: &NodeFacts, rs: &Ruleset) -> String {
 /// rules differ are rewritten, only changed map elements are touched.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
     let mut out = String::new();
-    for c in new.counters.difference(&old.counters) {
-        writeln!(out, "add counter ip {TABLE} {c}").unwrap();
-    }
     for (name, timeout) in &new.sets {
         if !old.sets.contains_key(name) {
             add_set(&mut out, name, *timeout);
@@ -257,9 +251,6 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
     }
     for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {
         writeln!(out, "delete set ip {TABLE} {name}").unwrap();
-    }
-    for c in old.counters.difference(&new.counters) {
-        writeln!(out, "delete counter ip {TABLE} {c}").unwrap();
     }
     out
 }

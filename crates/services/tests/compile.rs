@@ -44,25 +44,36 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
 #[test]
 fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
     let rs = sample().compile();
-    let id = "default/lb/tcp/443";
-    for (ext, all, local) in [("ext", "svc", "local"), ("ext-np", "np", "np-local")] {
-        let chain = &rs.chains[&format!("{ext}/{id}")];
-        assert_eq!(chain[0], format!("ip saddr 10.244.0.0/16 goto {all}/{id}"));
-        assert_eq!(chain[1], format!("fib saddr type local goto {all}/{id}"));
-        assert_eq!(chain[2], format!("goto {local}/{id}"));
+    for (ext, all, local) in [
+        (
+            "ext/ep-ips-tcp/2/ep-ips-local-tcp/1",
+            "pick/ep-ips-tcp/2",
+            "pick/ep-ips-local-tcp/1",
+        ),
+        (
+            "ext/ep-np-tcp/2/ep-np-local-tcp/1",
+            "pick/ep-np-tcp/2",
+            "pick/ep-np-local-tcp/1",
+        ),
+    ] {
+        let chain = &rs.chains[ext];
+        assert_eq!(chain[0], format!("ip saddr 10.244.0.0/16 goto {all}"));
+        assert_eq!(chain[1], format!("fib saddr type local goto {all}"));
+        assert_eq!(chain[2], format!("goto {local}"));
+        // Only the cluster-wide pick marks for masquerade: external clients of the local pick
+        // keep their address.
+        assert!(
+            rs.chains[all][0].contains("meta mark set"),
+            "{:?}",
+            rs.chains[all]
+        );
+        assert_eq!(rs.chains[local].len(), 1);
+        assert!(rs.chains[local][0].starts_with("dnat ip addr . port to"));
     }
-    // Only the local endpoint, and no masquerade mark: the client's address is preserved.
-    assert_eq!(
-        rs.chains[&format!("local/{id}")],
-        vec![
-            format!("counter name \"count/{id}\""),
-            "goto pick/ep-ips-local-tcp/1".to_string()
-        ]
-    );
     for ip in ["192.0.2.20", "198.51.100.20"] {
         assert_eq!(
             rs.elements[SERVICE_IPS][&format!("{ip} . tcp . 443")],
-            format!("goto ext/{id}")
+            "goto ext/ep-ips-tcp/2/ep-ips-local-tcp/1"
         );
         assert_eq!(
             rs.elements["ep-ips-local-tcp"][&format!("{ip} . 443 . 0")],
@@ -76,7 +87,7 @@ fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
     }
     assert_eq!(
         rs.elements[SERVICE_NODEPORTS]["tcp . 30443"],
-        format!("goto ext-np/{id}")
+        "goto ext/ep-np-tcp/2/ep-np-local-tcp/1"
     );
     assert_eq!(rs.elements["ep-np-local-tcp"].len(), 1);
     assert_eq!(
@@ -86,7 +97,7 @@ fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
     // The ClusterIP stays cluster-wide.
     assert_eq!(
         rs.elements[SERVICE_IPS]["10.96.0.20 . tcp . 443"],
-        format!("goto svc/{id}")
+        "goto pick/ep-ips-tcp/2"
     );
     assert_eq!(rs.health[&31000], ("default/lb".to_string(), 1));
 }
@@ -214,14 +225,16 @@ fn one_endpoint_change_is_two_map_elements() {
     let after = o.compile();
     let d = render::diff(&before, &after);
     for want in [
-        "add rule ip weft svc/default/web/tcp/80 goto pick/ep-ips-tcp/2\n",
-        "add rule ip weft np/default/web/tcp/80 goto pick/ep-np-tcp/2\n",
+        "add element ip weft service-ips { 10.96.0.10 . tcp . 80 : goto pick/ep-ips-tcp/2 }\n",
+        "add element ip weft service-nodeports { tcp . 30080 : goto pick/ep-np-tcp/2 }\n",
         "delete element ip weft ep-ips-tcp { 10.96.0.10 . 80 . 2 }\n",
         "delete chain ip weft pick/ep-ips-tcp/3\n",
     ] {
         assert!(d.contains(want), "{want:?} missing from:\n{d}");
     }
-    assert_eq!(d.lines().count(), 14, "{d}");
+    // Elements before the chains they pointed to go.
+    assert!(d.find("goto pick/ep-ips-tcp/2").unwrap() < d.find("delete chain").unwrap());
+    assert_eq!(d.lines().count(), 10, "{d}");
     assert_eq!(render::diff(&after, &after), "");
 }
 
@@ -246,21 +259,17 @@ fn scaled_to_zero_and_back() {
         d.contains("delete element ip weft service-nodeports { tcp . 30080 }"),
         "{d}"
     );
-    assert!(
-        d.contains("delete chain ip weft svc/default/web/tcp/80"),
-        "{d}"
-    );
-    assert!(
-        d.contains("delete counter ip weft count/default/web/tcp/80"),
-        "{d}"
-    );
+    // web was the only service with 3 endpoints: its pick chains go.
+    assert!(d.contains("delete chain ip weft pick/ep-ips-tcp/3"), "{d}");
+    assert!(d.contains("delete chain ip weft pick/ep-np-tcp/3"), "{d}");
+    assert!(d.contains("delete element ip weft ep-ips-tcp { 10.96.0.10 . 80 . 0, 10.96.0.10 . 80 . 1, 10.96.0.10 . 80 . 2 }"), "{d}");
     // Deletions of elements come before the chain they pointed to is deleted.
     assert!(
         d.find("delete element ip weft service-ips").unwrap() < d.find("delete chain").unwrap()
     );
     let back = render::diff(&zero, &before);
     assert!(
-        back.contains("add chain ip weft svc/default/web/tcp/80"),
+        back.contains("add chain ip weft pick/ep-ips-tcp/3"),
         "{back}"
     );
     assert!(
@@ -325,7 +334,7 @@ fn affinity_uses_per_endpoint_chains_and_timeout_sets() {
     let id = "default/sticky/tcp/80";
     let chain = &rs.chains[&format!("svc/{id}")];
     assert_eq!(
-        chain[2],
+        chain[1],
         format!("ip saddr @aff/{id}/10.244.2.7/80/600 goto ep/{id}/10.244.2.7/80")
     );
     assert_eq!(

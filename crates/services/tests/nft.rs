@@ -84,13 +84,13 @@ fn full_incremental_and_repair_agree_with_the_kernel() {
     assert_eq!(r.kind, SyncKind::Full);
     let l = listing(&ns);
     assert!(
-        l.contains("10.96.0.10 . tcp . 80 : goto svc/default/web/tcp/80"),
+        l.contains("10.96.0.10 . tcp . 80 counter packets 0 bytes 0 : goto pick/ep-ips-tcp/3"),
         "{l}"
     );
     assert!(l.contains("chain pick/ep-ips-tcp/3"), "{l}");
     assert!(l.contains("10.96.0.10 . 80 . 2 : 10.244.3.5 . 8080"), "{l}");
     assert!(
-        l.contains("10.96.0.60 . sctp . 9999 : goto svc/default/sctp/sctp/9999"),
+        l.contains("10.96.0.60 . sctp . 9999 counter packets 0 bytes 0 : goto pick/ep-ips-sctp/1"),
         "{l}"
     );
     assert!(

@@ -1,5 +1,5 @@
 //! `weftctl services`: the services this node programs — frontends, endpoints, and the
-//! connections each service port has taken (nft's named counters in Weft's table).
+//! connections each service port has taken (the per-element counters of Weft's service maps).
 
 use clap::Args;
 use std::collections::BTreeMap;
@@ -25,21 +25,34 @@ pub struct ServicesArgs {
     cluster_cidr: ipnet::Ipv4Net,
 }
 
-/// Connections per counter name, from `nft -j list counters table ip weft`.
-fn counters() -> Option<BTreeMap<String, u64>> {
-    let text =
-        weft_services::nft::run("", &["-j", "list", "counters", "table", "ip", "weft"]).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(
-        v["nftables"]
-            .as_array()?
-            .iter()
-            .filter_map(|o| {
-                let c = &o["counter"];
-                Some((c["name"].as_str()?.to_string(), c["packets"].as_u64()?))
-            })
-            .collect(),
-    )
+/// Connections per frontend, from the per-element counters of `service-ips` and
+/// `service-nodeports`: (address or None for a NodePort, protocol, port) → connections.
+type Counts = BTreeMap<(Option<String>, String, u64), u64>;
+
+fn counters() -> Option<Counts> {
+    let mut out = Counts::new();
+    for map in ["service-ips", "service-nodeports"] {
+        let text = weft_services::nft::run("", &["-j", "list", "map", "ip", "weft", map]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        for o in v["nftables"].as_array()? {
+            for e in o["map"]["elem"].as_array().into_iter().flatten() {
+                let elem = &e[0]["elem"];
+                let parts = elem["val"]["concat"].as_array()?;
+                let packets = elem["counter"]["packets"].as_u64().unwrap_or(0);
+                let key = match parts.as_slice() {
+                    [ip, proto, port] => (
+                        ip.as_str().map(String::from),
+                        proto.as_str()?.to_string(),
+                        port.as_u64()?,
+                    ),
+                    [proto, port] => (None, proto.as_str()?.to_string(), port.as_u64()?),
+                    _ => continue,
+                };
+                out.insert(key, packets);
+            }
+        }
+    }
+    Some(out)
 }
 
 pub fn run(a: ServicesArgs) -> i32 {
@@ -117,10 +130,22 @@ fn list(a: ServicesArgs) -> Result<(), String> {
             .collect();
         let conns = match &counts {
             None => "-".to_string(),
-            Some(c) => c
-                .get(&format!("count/{id}"))
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "0".into()),
+            Some(c) => p
+                .frontends
+                .iter()
+                .map(|f| {
+                    let key = match f {
+                        weft_services::compile::Frontend::Ip(ip, port) => {
+                            (Some(ip.to_string()), p.proto.to_string(), *port as u64)
+                        }
+                        weft_services::compile::Frontend::NodePort(np) => {
+                            (None, p.proto.to_string(), *np as u64)
+                        }
+                    };
+                    c.get(&key).copied().unwrap_or(0)
+                })
+                .sum::<u64>()
+                .to_string(),
         };
         println!(
             "{id:<32} {:<14} {:<40} {:<44} {conns}",
