@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use weft_services::{compile, Cache, NodeFacts, Proxy, SyncKind};
+use weft_services::{Cache, Compiler, NodeFacts, Proxy, SyncKind};
 use weft_store::Store;
 
 pub const SERVICES_PREFIX: &str = "/registry/services/specs/";
@@ -184,6 +184,7 @@ pub async fn run<S: Store>(
 
     let mut proxy = Some(Proxy::new());
     let mut cache = Cache::default();
+    let mut compiler = Compiler::new();
     let mut health_ports = HealthPorts {
         state: Arc::default(),
         listeners: BTreeMap::new(),
@@ -202,7 +203,7 @@ pub async fn run<S: Store>(
             cache.update(&s, &e, cfg.service_cidr)
         };
         let start = Instant::now();
-        let rs = compile(&facts, &objects);
+        let rs = compiler.compile(&facts, &objects);
         if rs.problems != last_problems {
             for p in rs.problems.iter().filter(|p| !last_problems.contains(p)) {
                 warn!("{p}");
@@ -210,7 +211,7 @@ pub async fn run<S: Store>(
             last_problems = rs.problems.clone();
         }
         m.problems.set(rs.problems.len() as i64);
-        m.service_ports.set(rs.ports.len() as i64);
+        m.service_ports.set(rs.ports().count() as i64);
         health_ports.update(&rs.health).await;
         let repair = last_repair.elapsed() >= cfg.services_repair;
         let mut p = proxy.take().expect("the proxy is put back after each sync");

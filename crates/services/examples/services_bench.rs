@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use weft_net::{Netns, ScratchNetns};
-use weft_services::{compile, nft, parse_all, render, Cache, NodeFacts, Proxy, SyncKind};
+use weft_services::{compile, nft, parse_all, render, Cache, Compiler, NodeFacts, Proxy, SyncKind};
 
 const PREFIX: &str = "wbench-svc-";
 const ENDPOINTS: usize = 10;
@@ -243,14 +243,19 @@ struct ChangeSample {
 
 /// One full sync of `st` into `ns` (whose table must be absent) with a new proxy and a new parse
 /// cache (left primed in `cache`, as the agent's is after its first sync).
-fn full_sync(ns: &Netns, proxy: &mut Proxy, cache: &mut Cache, st: &Store) -> FullSample {
+fn full_sync(
+    ns: &Netns,
+    proxy: &mut Proxy,
+    cache: &mut (Cache, Compiler),
+    st: &Store,
+) -> FullSample {
     let facts = facts();
     let start = Instant::now();
-    *cache = Cache::default();
-    let objects = cache.update(&st.services, &st.slices, service_cidr());
+    *cache = (Cache::default(), Compiler::new());
+    let objects = cache.0.update(&st.services, &st.slices, service_cidr());
     let parse = start.elapsed();
     let start = Instant::now();
-    let rs = compile(&facts, &objects);
+    let rs = cache.1.compile(&facts, &objects);
     let compile = start.elapsed();
     assert!(rs.problems.is_empty(), "{:?}", &rs.problems[..1]);
     // Rendering is part of the sync; timed once more on its own to split the sync in two.
@@ -275,13 +280,18 @@ fn full_sync(ns: &Netns, proxy: &mut Proxy, cache: &mut Cache, st: &Store) -> Fu
 
 /// The agent's path for a changed store: parse what changed, compile everything, sync the
 /// difference.
-fn change_sync(ns: &Netns, proxy: &mut Proxy, cache: &mut Cache, st: &Store) -> ChangeSample {
+fn change_sync(
+    ns: &Netns,
+    proxy: &mut Proxy,
+    cache: &mut (Cache, Compiler),
+    st: &Store,
+) -> ChangeSample {
     let facts = facts();
     let start = Instant::now();
-    let objects = cache.update(&st.services, &st.slices, service_cidr());
+    let objects = cache.0.update(&st.services, &st.slices, service_cidr());
     let parse = start.elapsed();
     let start = Instant::now();
-    let rs = compile(&facts, &objects);
+    let rs = cache.1.compile(&facts, &objects);
     let compile = start.elapsed();
     let (report, sync) = in_ns(ns, || {
         let start = Instant::now();
@@ -325,7 +335,7 @@ fn measure_size(
     let started = Instant::now();
     let mut proxy = Proxy::new();
     let proxy = &mut proxy;
-    let mut cache = Cache::default();
+    let mut cache = (Cache::default(), Compiler::new());
     let cache = &mut cache;
     let base = store(n);
     let linear = linear_ruleset(n);

@@ -23,6 +23,7 @@ use crate::model::{Endpoint, Objects, Proto, Service, ServicePort, Slice};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// The packet mark bit that asks postrouting to masquerade a service connection whose endpoint
 /// is not on this node (set for clients outside the cluster and the node).
@@ -82,20 +83,128 @@ pub struct PortState {
     pub endpoints: BTreeSet<(Ipv4Addr, u16)>,
 }
 
-/// The variable part of the table. `elements` holds, per map or set, key → value ("" in a set).
-/// Connections are counted per element of `service-ips` and `service-nodeports`.
+/// What one service compiles to. A fragment is immutable and shared between successive
+/// rulesets while its inputs stay the same, so an unchanged service costs a pointer comparison
+/// in a diff: one change among 10,000 services is compiled and diffed as one service.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Ruleset {
+pub struct Fragment {
+    /// (map, key, value): keys belong to this service alone (its frontends are claimed).
+    pub elements: Vec<(&'static str, String, String)>,
+    /// Chains only this service uses (ClientIP affinity).
     pub chains: BTreeMap<String, Vec<String>>,
     /// Affinity sets: name → timeout in seconds.
     pub sets: BTreeMap<String, u32>,
-    pub elements: BTreeMap<&'static str, BTreeMap<String, String>>,
+    /// Shared chains it jumps to (picks, ext), with their rules.
+    pub shared: BTreeMap<String, Vec<String>>,
+    /// Its endpoints on this node, for the hairpin set.
+    pub hairpin: BTreeSet<Ipv4Addr>,
     /// Service port id (`ns/name/proto/port`) → what it serves.
     pub ports: BTreeMap<String, PortState>,
+    /// healthCheckNodePort and the number of local endpoints.
+    pub health: Option<(u16, usize)>,
+}
+
+/// The variable part of the table, per service. Connections are counted per element of
+/// `service-ips` and `service-nodeports`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ruleset {
+    /// Service id (`ns/name`) → its fragment.
+    pub services: BTreeMap<String, Arc<Fragment>>,
+    /// The shared chains every fragment uses.
+    pub shared: BTreeMap<String, Vec<String>>,
+    pub hairpin: BTreeSet<Ipv4Addr>,
     /// healthCheckNodePort → (service, number of local endpoints).
     pub health: BTreeMap<u16, (String, usize)>,
     /// One line per object or frontend left out, naming it and why.
     pub problems: Vec<String>,
+}
+
+/// A ruleset (or part of one) laid out as the table holds it. `elements` holds, per map or set,
+/// key → value ("" in a set).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Flat {
+    pub chains: BTreeMap<String, Vec<String>>,
+    pub sets: BTreeMap<String, u32>,
+    pub elements: BTreeMap<&'static str, BTreeMap<String, String>>,
+    pub ports: BTreeMap<String, PortState>,
+}
+
+impl Ruleset {
+    /// The whole table's variable part.
+    pub fn flat(&self) -> Flat {
+        self.view(|_| true)
+    }
+
+    /// The part made by the services `only` selects, plus everything shared (which is small).
+    pub fn view(&self, only: impl Fn(&str) -> bool) -> Flat {
+        let mut f = Flat {
+            chains: self.shared.clone(),
+            ..Flat::default()
+        };
+        for (id, frag) in self.services.iter().filter(|(id, _)| only(id)) {
+            f.chains
+                .extend(frag.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
+            f.sets
+                .extend(frag.sets.iter().map(|(k, v)| (k.clone(), *v)));
+            for (table, k, v) in &frag.elements {
+                f.elements
+                    .entry(table)
+                    .or_default()
+                    .insert(k.clone(), v.clone());
+            }
+            f.ports
+                .extend(frag.ports.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let _ = id;
+        }
+        if !self.hairpin.is_empty() {
+            f.elements.insert(
+                HAIRPIN,
+                self.hairpin
+                    .iter()
+                    .map(|ip| (format!("{ip} . {ip}"), String::new()))
+                    .collect(),
+            );
+        }
+        f
+    }
+
+    /// Every service port, in service order.
+    pub fn ports(&self) -> impl Iterator<Item = (&String, &PortState)> {
+        self.services.values().flat_map(|f| f.ports.iter())
+    }
+
+    /// The ids of the services whose fragments differ between `self` and `other` (one merged
+    /// walk over both; unchanged services share their fragment, so most cost a pointer compare).
+    pub fn changed<'a>(&'a self, other: &'a Ruleset) -> BTreeSet<&'a str> {
+        let mut out = BTreeSet::new();
+        let mut a = self.services.iter().peekable();
+        let mut b = other.services.iter().peekable();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((ka, fa)), Some((kb, fb))) if ka == kb => {
+                    if !Arc::ptr_eq(fa, fb) && fa != fb {
+                        out.insert(ka.as_str());
+                    }
+                    a.next();
+                    b.next();
+                }
+                (Some((ka, _)), Some((kb, _))) if ka < kb => {
+                    out.insert(ka.as_str());
+                    a.next();
+                }
+                (Some((ka, _)), None) => {
+                    out.insert(ka.as_str());
+                    a.next();
+                }
+                (_, Some((kb, _))) => {
+                    out.insert(kb.as_str());
+                    b.next();
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The fixed maps and sets: (name, "map" or "set", declaration). The endpoint maps ([`EP_MAPS`])
@@ -206,20 +315,79 @@ impl Pick {
     }
 }
 
+/// Which of a service's frontends it may program (the first service, in id order, to claim an
+/// address and port or a NodePort keeps it): per port, the ClusterIP, each external IP, the
+/// NodePort.
+#[derive(Clone, Debug, PartialEq)]
+struct Claims(Vec<(bool, Vec<bool>, bool)>);
+
+fn claim_all(services: &[&Arc<Service>], problems: &mut Vec<String>) -> Vec<Claims> {
+    let mut ips: BTreeMap<(Ipv4Addr, Proto, u16), String> = BTreeMap::new();
+    let mut nodeports: BTreeMap<(Proto, u16), String> = BTreeMap::new();
+    let mut claim_ip =
+        |sid: &str, ip: Ipv4Addr, p: &ServicePort, problems: &mut Vec<String>| match ips
+            .get(&(ip, p.proto, p.port))
+        {
+            Some(other) => {
+                problems.push(format!(
+                    "service {sid}: {ip}:{}/{} is already service {other}'s; left out",
+                    p.port, p.proto
+                ));
+                false
+            }
+            None => {
+                ips.insert((ip, p.proto, p.port), sid.to_string());
+                true
+            }
+        };
+    services
+        .iter()
+        .map(|svc| {
+            let sid = svc.id();
+            Claims(
+                svc.ports
+                    .iter()
+                    .map(|p| {
+                        let internal = svc
+                            .cluster_ip
+                            .is_some_and(|ip| claim_ip(&sid, ip, p, problems));
+                        let external = svc
+                            .external_ips
+                            .iter()
+                            .map(|&ip| claim_ip(&sid, ip, p, problems))
+                            .collect();
+                        let np = p.node_port.is_some_and(|np| {
+                            match nodeports.get(&(p.proto, np)) {
+                                Some(other) => {
+                                    problems.push(format!(
+                                        "service {sid}: nodePort {np}/{} is already service {other}'s; left out",
+                                        p.proto
+                                    ));
+                                    false
+                                }
+                                None => {
+                                    nodeports.insert((p.proto, np), sid.clone());
+                                    true
+                                }
+                            }
+                        });
+                        (internal, external, np)
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Builds one service's fragment.
 struct Builder<'a> {
     facts: &'a NodeFacts,
-    rs: Ruleset,
-    claimed_ips: BTreeMap<(Ipv4Addr, Proto, u16), String>,
-    claimed_nodeports: BTreeMap<(Proto, u16), String>,
+    frag: Fragment,
 }
 
 impl Builder<'_> {
     fn element(&mut self, table: &'static str, key: String, value: String) {
-        self.rs
-            .elements
-            .entry(table)
-            .or_default()
-            .insert(key, value);
+        self.frag.elements.push((table, key, value));
     }
 
     /// Clients outside the cluster and the node get the masquerade mark: postrouting
@@ -236,7 +404,7 @@ impl Builder<'_> {
     fn pick_chain(&mut self, pick: Pick, proto: Proto, n: usize) -> String {
         let map = pick.map(proto);
         let name = format!("pick/{map}/{n}");
-        if !self.rs.chains.contains_key(&name) {
+        if !self.frag.shared.contains_key(&name) {
             let mut rules = Vec::new();
             if matches!(pick, Pick::Ips | Pick::NodePort) {
                 rules.push(self.masq_rule());
@@ -245,7 +413,7 @@ impl Builder<'_> {
                 "dnat ip addr . port to {} . numgen random mod {n} map @{map}",
                 pick.key(proto)
             ));
-            self.rs.chains.insert(name.clone(), rules);
+            self.frag.shared.insert(name.clone(), rules);
         }
         name
     }
@@ -283,7 +451,7 @@ impl Builder<'_> {
     ) -> String {
         let local = matches!(pick, Pick::IpsLocal | Pick::NodePortLocal);
         let name = format!("{}/{id}", if local { "local" } else { "svc" });
-        if self.rs.chains.contains_key(&name) {
+        if self.frag.chains.contains_key(&name) {
             return name;
         }
         let mut rules = Vec::new();
@@ -293,8 +461,8 @@ impl Builder<'_> {
         for &t in targets {
             let set = aff_set(id, t, timeout);
             rules.push(format!("ip saddr @{set} goto {}", ep_chain(id, t)));
-            self.rs.sets.insert(set.clone(), timeout);
-            self.rs.chains.insert(
+            self.frag.sets.insert(set.clone(), timeout);
+            self.frag.chains.insert(
                 ep_chain(id, t),
                 vec![
                     format!("update @{set} {{ ip saddr }}"),
@@ -312,40 +480,8 @@ impl Builder<'_> {
             targets.len(),
             vmap.join(", ")
         ));
-        self.rs.chains.insert(name.clone(), rules);
+        self.frag.chains.insert(name.clone(), rules);
         name
-    }
-
-    fn claim_ip(&mut self, svc: &str, ip: Ipv4Addr, p: &ServicePort) -> bool {
-        match self.claimed_ips.get(&(ip, p.proto, p.port)) {
-            Some(other) => {
-                self.rs.problems.push(format!(
-                    "service {svc}: {ip}:{}/{} is already service {other}'s; left out",
-                    p.port, p.proto
-                ));
-                false
-            }
-            None => {
-                self.claimed_ips
-                    .insert((ip, p.proto, p.port), svc.to_string());
-                true
-            }
-        }
-    }
-
-    fn claim_nodeport(&mut self, svc: &str, np: u16, proto: Proto) -> bool {
-        match self.claimed_nodeports.get(&(proto, np)) {
-            Some(other) => {
-                self.rs.problems.push(format!(
-                    "service {svc}: nodePort {np}/{proto} is already service {other}'s; left out"
-                ));
-                false
-            }
-            None => {
-                self.claimed_nodeports.insert((proto, np), svc.to_string());
-                true
-            }
-        }
     }
 
     /// One frontend of a service port: its verdict (or its no-endpoint entry).
@@ -410,14 +546,19 @@ impl Builder<'_> {
             format!("fib saddr type local goto {all}"),
             last,
         ];
-        self.rs.chains.insert(name.clone(), rules);
+        if affinity_free(&name) {
+            self.frag.shared.insert(name.clone(), rules);
+        } else {
+            self.frag.chains.insert(name.clone(), rules);
+        }
         self.element(table, key, format!("goto {name}"));
     }
 
-    fn service(&mut self, svc: &Service, slices: &[&Slice]) {
+    fn service(mut self, svc: &Service, slices: &[Arc<Slice>], claims: &Claims) -> Fragment {
         let sid = svc.id();
         let mut local_ips = BTreeSet::new();
-        for p in &svc.ports {
+        for (p, (claimed_internal, claimed_external, claimed_np)) in svc.ports.iter().zip(&claims.0)
+        {
             let id = format!("{sid}/{}/{}", p.proto, p.port);
             // Endpoints from every slice of this service that has this port; an address listed
             // twice (slices overlap during updates) counts once.
@@ -452,31 +593,29 @@ impl Builder<'_> {
             local_ips.extend(local.iter().map(|(ip, _)| *ip));
             for &(ip, _) in &cluster {
                 if self.facts.local_subnet.contains(&ip) {
-                    self.element(HAIRPIN, format!("{ip} . {ip}"), String::new());
+                    self.frag.hairpin.insert(ip);
                 }
             }
-
             let internal: Vec<Ipv4Addr> = svc
                 .cluster_ip
+                .filter(|_| *claimed_internal)
                 .into_iter()
-                .filter(|&ip| self.claim_ip(&sid, ip, p))
                 .collect();
             let external: Vec<Ipv4Addr> = svc
                 .external_ips
                 .iter()
-                .copied()
-                .filter(|&ip| self.claim_ip(&sid, ip, p))
+                .zip(claimed_external)
+                .filter(|(_, ok)| **ok)
+                .map(|(ip, _)| *ip)
                 .collect();
-            let node_port = p
-                .node_port
-                .filter(|&np| self.claim_nodeport(&sid, np, p.proto));
+            let node_port = p.node_port.filter(|_| *claimed_np);
             let mut frontends: Vec<Frontend> = internal
                 .iter()
                 .chain(&external)
                 .map(|&ip| Frontend::Ip(ip, p.port))
                 .collect();
             frontends.extend(node_port.map(Frontend::NodePort));
-            self.rs.ports.insert(
+            self.frag.ports.insert(
                 id.clone(),
                 PortState {
                     service: sid.clone(),
@@ -526,39 +665,179 @@ impl Builder<'_> {
             }
         }
         if let (true, Some(hc)) = (svc.external_local, svc.health_check_node_port) {
-            self.rs.health.insert(hc, (sid.clone(), local_ips.len()));
+            self.frag.health = Some((hc, local_ips.len()));
+        }
+        self.frag
+    }
+}
+
+/// Whether an ext chain only refers to shared picks (so services can share it).
+fn affinity_free(ext: &str) -> bool {
+    !ext.contains("/svc/") && !ext.contains("/local/")
+}
+
+/// What a fragment was built from; the same inputs give the same fragment.
+struct Inputs {
+    facts: NodeFacts,
+    service: Arc<Service>,
+    slices: Vec<Arc<Slice>>,
+    claims: Claims,
+    fragment: Arc<Fragment>,
+}
+
+/// Compiles rulesets, rebuilding only the fragments of services whose inputs changed since the
+/// last call (the service, its slices, its claims, the node's facts — compared by pointer for
+/// the parsed objects, which the parse [`Cache`](crate::model::Cache) keeps while unchanged).
+#[derive(Default)]
+pub struct Compiler {
+    cache: BTreeMap<String, Inputs>,
+    /// The last result, its facts and the claim problems: the base of the fast path.
+    last: Option<(NodeFacts, Ruleset, Vec<String>)>,
+}
+
+/// Fills the shared chains, the hairpin set and the health check ports from the fragments.
+fn aggregate(rs: &mut Ruleset) {
+    rs.shared.clear();
+    rs.hairpin.clear();
+    rs.health.clear();
+    for (id, f) in &rs.services {
+        for (k, v) in &f.shared {
+            if !rs.shared.contains_key(k) {
+                rs.shared.insert(k.clone(), v.clone());
+            }
+        }
+        rs.hairpin.extend(f.hairpin.iter().copied());
+        if let Some((hc, n)) = f.health {
+            rs.health.insert(hc, (id.clone(), n));
         }
     }
 }
 
-/// Compiles the parsed objects for one node. Services are taken in id order, so when two claim
-/// the same frontend the first keeps it (and the other is named in `problems`).
-pub fn compile(facts: &NodeFacts, objects: &Objects) -> Ruleset {
-    let mut b = Builder {
-        facts,
-        rs: Ruleset {
+impl Compiler {
+    pub fn new() -> Compiler {
+        Compiler::default()
+    }
+
+    /// Compiles the parsed objects for one node. Services are taken in id order, so when two
+    /// claim the same frontend the first keeps it (and the other is named in `problems`).
+    pub fn compile(&mut self, facts: &NodeFacts, objects: &Objects) -> Ruleset {
+        if let Some(rs) = self.endpoints_only(facts, objects) {
+            return rs;
+        }
+        let mut rs = Ruleset {
             problems: objects.problems.clone(),
             ..Ruleset::default()
-        },
-        claimed_ips: BTreeMap::new(),
-        claimed_nodeports: BTreeMap::new(),
-    };
-    // Slices by (namespace, service), once: a scan per service port is quadratic at 10k services.
-    let mut slices: BTreeMap<(&str, &str), Vec<&Slice>> = BTreeMap::new();
-    for s in &objects.slices {
-        slices
-            .entry((s.namespace.as_str(), s.service.as_str()))
-            .or_default()
-            .push(s);
+        };
+        // Slices by (namespace, service), once.
+        let mut slices: BTreeMap<(&str, &str), Vec<Arc<Slice>>> = BTreeMap::new();
+        for s in &objects.slices {
+            slices
+                .entry((s.namespace.as_str(), s.service.as_str()))
+                .or_default()
+                .push(s.clone());
+        }
+        let mut services: Vec<&Arc<Service>> = objects.services.iter().collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let before = rs.problems.len();
+        let claims = claim_all(&services, &mut rs.problems);
+        let claim_problems = rs.problems[before..].to_vec();
+        let mut fragments = Vec::with_capacity(services.len());
+        let mut seen = BTreeSet::new();
+        for (svc, claims) in services.into_iter().zip(claims) {
+            let id = svc.id();
+            let mine = slices
+                .remove(&(svc.namespace.as_str(), svc.name.as_str()))
+                .unwrap_or_default();
+            let reuse = self.cache.get(&id).filter(|old| {
+                Arc::ptr_eq(&old.service, svc)
+                    && old.slices.len() == mine.len()
+                    && old.slices.iter().zip(&mine).all(|(a, b)| Arc::ptr_eq(a, b))
+                    && old.claims == claims
+                    && old.facts == *facts
+            });
+            let fragment = match reuse {
+                Some(old) => old.fragment.clone(),
+                None => {
+                    let fragment = Arc::new(
+                        Builder {
+                            facts,
+                            frag: Fragment::default(),
+                        }
+                        .service(svc, &mine, &claims),
+                    );
+                    self.cache.insert(
+                        id.clone(),
+                        Inputs {
+                            facts: facts.clone(),
+                            service: svc.clone(),
+                            slices: mine,
+                            claims,
+                            fragment: fragment.clone(),
+                        },
+                    );
+                    fragment
+                }
+            };
+            seen.insert(id.clone());
+            fragments.push((id, fragment));
+        }
+        if self.cache.len() != seen.len() {
+            self.cache.retain(|id, _| seen.contains(id));
+        }
+        // Bulk-built from sorted pairs (faster than one insert at a time).
+        fragments.sort_by(|a, b| a.0.cmp(&b.0));
+        rs.services = fragments.into_iter().collect();
+        aggregate(&mut rs);
+        self.last = Some((facts.clone(), rs.clone(), claim_problems));
+        rs
     }
-    let mut services: Vec<&Service> = objects.services.iter().collect();
-    services.sort_by_key(|s| (s.namespace.as_str(), s.name.as_str()));
-    for s in services {
-        let mine = slices
-            .get(&(s.namespace.as_str(), s.name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        b.service(s, mine);
+
+    /// The fast path when only endpoints changed (no Service object, same node facts): the last
+    /// ruleset with the fragments of the services whose slices changed rebuilt. Claims cannot
+    /// have moved, so nothing else can differ.
+    fn endpoints_only(&mut self, facts: &NodeFacts, objects: &Objects) -> Option<Ruleset> {
+        let dirty = objects.changed_endpoints.as_ref()?;
+        let (last_facts, last, claim_problems) = self.last.as_ref()?;
+        if last_facts != facts {
+            return None;
+        }
+        let mut rs = Ruleset {
+            services: last.services.clone(),
+            problems: objects.problems.clone(),
+            ..Ruleset::default()
+        };
+        rs.problems.extend(claim_problems.iter().cloned());
+        for id in dirty {
+            // A slice of a service that does not exist changes nothing.
+            let Some(inputs) = self.cache.get_mut(id) else {
+                continue;
+            };
+            let (ns, name) = id.split_once('/').unwrap_or((id, ""));
+            let mine: Vec<Arc<Slice>> = objects
+                .slices
+                .iter()
+                .filter(|s| s.namespace == ns && s.service == name)
+                .cloned()
+                .collect();
+            let fragment = Arc::new(
+                Builder {
+                    facts,
+                    frag: Fragment::default(),
+                }
+                .service(&inputs.service, &mine, &inputs.claims),
+            );
+            inputs.slices = mine;
+            inputs.fragment = fragment.clone();
+            rs.services.insert(id.clone(), fragment);
+        }
+        aggregate(&mut rs);
+        let claim_problems = claim_problems.clone();
+        self.last = Some((facts.clone(), rs.clone(), claim_problems));
+        Some(rs)
     }
-    b.rs
+}
+
+/// Compiles from scratch (a [`Compiler`] with nothing cached).
+pub fn compile(facts: &NodeFacts, objects: &Objects) -> Ruleset {
+    Compiler::new().compile(facts, objects)
 }

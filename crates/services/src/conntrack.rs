@@ -36,6 +36,12 @@ fn targets(frontends: &[Frontend], endpoint: Option<Ipv4Addr>, out: &mut Vec<Del
 /// left its service port, and every flow to a UDP service port that had no endpoint before (such
 /// flows were made while it rejected, or before it existed).
 pub fn stale_udp(old: &Ruleset, new: &Ruleset) -> Vec<Delete> {
+    // Only services whose fragments changed can have changed ports.
+    let changed = old.changed(new);
+    let (old, new) = (
+        old.view(|id| changed.contains(id)),
+        new.view(|id| changed.contains(id)),
+    );
     let mut out = Vec::new();
     for (id, o) in old.ports.iter().filter(|(_, p)| p.proto == Proto::Udp) {
         let now = new.ports.get(id);

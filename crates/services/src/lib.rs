@@ -8,7 +8,7 @@ pub mod model;
 pub mod nft;
 pub mod render;
 
-pub use compile::{compile, NodeFacts, Ruleset};
+pub use compile::{compile, Compiler, Flat, NodeFacts, Ruleset};
 pub use model::{parse_all, Cache, Objects};
 
 use std::time::Instant;

@@ -5,9 +5,10 @@
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service as KService;
 use k8s_openapi::api::discovery::v1::EndpointSlice as KSlice;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -327,9 +328,13 @@ pub fn parse_slice(json: &[u8]) -> Result<Parsed<Slice>, String> {
 /// for every object that was refused.
 #[derive(Default, Debug)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<Slice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<Slice>>,
     pub problems: Vec<String>,
+    /// From a [`Cache`] that saw the previous contents: what changed since. `None` when unknown
+    /// (a first parse) or when a Service itself changed (its frontends may move claims between
+    /// services, so everything is compiled again).
+    pub changed_endpoints: Option<BTreeSet<String>>,
 }
 
 /// Parses every value under the two prefixes (store key → JSON).
@@ -344,25 +349,64 @@ pub fn parse_all(
 /// Parsed objects kept between syncs: a value is parsed again only when its bytes change, so a
 /// change to one object among 20,000 costs one parse, not 20,000.
 /// Store key → (its bytes, what parsing them gave).
-type Entries<T> = BTreeMap<String, (Vec<u8>, Result<Parsed<T>, String>)>;
+type Entries<T> = BTreeMap<String, (Vec<u8>, Result<Parsed<Arc<T>>, String>)>;
 
 #[derive(Default)]
 pub struct Cache {
     services: Entries<Service>,
     slices: Entries<Slice>,
+    /// Whether an update has run (so that changes can be told).
+    primed: bool,
 }
 
+/// Makes `cache` hold exactly the keys of `now`, parsing only values that are new or changed;
+/// unchanged entries are left in place (no copies). Calls `changed` with the old and new result
+/// of every key that changed.
 fn refresh<T>(
     cache: &mut Entries<T>,
     now: &BTreeMap<String, Vec<u8>>,
     parse: impl Fn(&[u8]) -> Result<Parsed<T>, String>,
+    mut changed: impl FnMut(
+        Option<&Result<Parsed<Arc<T>>, String>>,
+        Option<&Result<Parsed<Arc<T>>, String>>,
+    ),
 ) {
-    cache.retain(|k, _| now.contains_key(k));
+    let parse = |v: &[u8]| {
+        parse(v).map(|p| match p {
+            Parsed::Use(t) => Parsed::Use(Arc::new(t)),
+            Parsed::Ignore(why) => Parsed::Ignore(why),
+        })
+    };
+    if cache.len() == now.len() && cache.keys().eq(now.keys()) {
+        // The usual case: the same keys, a few values changed. One walk, no lookups.
+        for ((_, entry), (_, v)) in cache.iter_mut().zip(now) {
+            if entry.0 != *v {
+                let new = (v.clone(), parse(v));
+                changed(Some(&entry.1), Some(&new.1));
+                *entry = new;
+            }
+        }
+        return;
+    }
+    cache.retain(|k, (_, old)| {
+        let keep = now.contains_key(k);
+        if !keep {
+            changed(Some(old), None);
+        }
+        keep
+    });
     for (k, v) in now {
-        match cache.get(k) {
-            Some((old, _)) if old == v => {}
-            _ => {
-                cache.insert(k.clone(), (v.clone(), parse(v)));
+        match cache.get_mut(k) {
+            Some((bytes, _)) if bytes == v => {}
+            Some(entry) => {
+                let new = (v.clone(), parse(v));
+                changed(Some(&entry.1), Some(&new.1));
+                *entry = new;
+            }
+            None => {
+                let new = (v.clone(), parse(v));
+                changed(None, Some(&new.1));
+                cache.insert(k.clone(), new);
             }
         }
     }
@@ -377,11 +421,28 @@ impl Cache {
         slices: &BTreeMap<String, Vec<u8>>,
         service_cidr: Ipv4Net,
     ) -> Objects {
-        refresh(&mut self.services, services, |v| {
-            parse_service(v, service_cidr)
+        let mut services_changed = !self.primed;
+        refresh(
+            &mut self.services,
+            services,
+            |v| parse_service(v, service_cidr),
+            |_, _| services_changed = true,
+        );
+        let mut dirty = BTreeSet::new();
+        let mut owner = |r: Option<&Result<Parsed<Arc<Slice>>, String>>| {
+            if let Some(Ok(Parsed::Use(s))) = r {
+                dirty.insert(format!("{}/{}", s.namespace, s.service));
+            }
+        };
+        refresh(&mut self.slices, slices, parse_slice, |old, new| {
+            owner(old);
+            owner(new);
         });
-        refresh(&mut self.slices, slices, parse_slice);
-        let mut o = Objects::default();
+        self.primed = true;
+        let mut o = Objects {
+            changed_endpoints: (!services_changed).then_some(dirty),
+            ..Objects::default()
+        };
         for (key, (_, r)) in &self.services {
             match r {
                 Ok(Parsed::Use(s)) => o.services.push(s.clone()),

@@ -149,7 +149,7 @@ fn delete_elements<'a>(out: &mut String, table: &str, keys: impl Iterator<Item =
 }
 
 /// Every declaration and rule, with `flush` before each chain and map when rewriting in place.
-fn everything(facts: &NodeFacts, rs: &Ruleset, in_place: bool) -> String {
+fn everything(facts: &NodeFacts, rs: &Flat, in_place: bool) -> String {
     let mut out = String::with_capacity(256 + rs.chains.len() * 160);
     writeln!(out, "add table ip {TABLE}").unwrap();
     for (name, kind, decl) in element_tables() {
@@ -190,7 +190,7 @@ fn everything(facts: &NodeFacts, rs: &Ruleset, in_place: bool) -> String {
 pub fn full(facts: &NodeFacts, rs: &Ruleset) -> String {
     format!(
         "add table ip {TABLE}\ndelete table ip {TABLE}\n{}",
-        everything(facts, rs, false)
+        everything(facts, &rs.flat(), false)
     )
 }
 
@@ -198,12 +198,17 @@ pub fn full(facts: &NodeFacts, rs: &Ruleset) -> String {
 /// deleted by hand and rules changed by hand, keeps affinity sets and connection counters.
 /// Leftovers (a chain or element added by hand) stay until the next full sync.
 pub fn repair(facts: &NodeFacts, rs: &Ruleset) -> String {
-    everything(facts, rs, true)
+    everything(facts, &rs.flat(), true)
 }
 
 /// The commands that turn the table from `old` into `new` (same node facts): only chains whose
 /// rules differ are rewritten, only changed map elements are touched.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
+    // Only the services whose fragments changed (an element key belongs to one service), and
+    // what is shared.
+    let changed = old.changed(new);
+    let old = &old.view(|id| changed.contains(id));
+    let new = &new.view(|id| changed.contains(id));
     let mut out = String::new();
     for (name, timeout) in &new.sets {
         if !old.sets.contains_key(name) {

@@ -27,14 +27,15 @@ fn golden(name: &str, actual: &str) {
 
 #[test]
 fn golden_full_table() {
-    let rs = sample().compile();
-    assert!(rs.problems.is_empty(), "{:?}", rs.problems);
-    golden("full.nft", &render::full(&facts(), &rs));
+    let full = sample().compile();
+    assert!(full.problems.is_empty(), "{:?}", full.problems);
+    golden("full.nft", &render::full(&facts(), &full));
 }
 
 #[test]
 fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
-    let rs = sample().compile();
+    let full = sample().compile();
+    let rs = full.flat();
     let no = &rs.elements[NO_ENDPOINT_IPS];
     assert_eq!(no["10.96.0.53 . udp . 53"], "goto reject-service");
     assert_eq!(no["10.96.0.40 . tcp . 80"], "drop");
@@ -43,7 +44,8 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
 
 #[test]
 fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
-    let rs = sample().compile();
+    let full = sample().compile();
+    let rs = full.flat();
     for (ext, all, local) in [
         (
             "ext/ep-ips-tcp/2/ep-ips-local-tcp/1",
@@ -99,13 +101,13 @@ fn external_traffic_policy_local_keeps_pods_and_node_on_all_endpoints() {
         rs.elements[SERVICE_IPS]["10.96.0.20 . tcp . 443"],
         "goto pick/ep-ips-tcp/2"
     );
-    assert_eq!(rs.health[&31000], ("default/lb".to_string(), 1));
+    assert_eq!(full.health[&31000], ("default/lb".to_string(), 1));
 }
 
 #[test]
 fn terminating_endpoints_only_when_none_is_ready() {
     let endpoints = |rs: &weft_services::Ruleset| -> Vec<String> {
-        rs.elements["ep-ips-tcp"]
+        rs.flat().elements["ep-ips-tcp"]
             .iter()
             .filter(|(k, _)| k.starts_with("10.96.0.50 . 80 . "))
             .map(|(_, v)| v.clone())
@@ -128,7 +130,8 @@ fn terminating_endpoints_only_when_none_is_ready() {
 
 #[test]
 fn hairpin_only_for_local_endpoints() {
-    let rs = sample().compile();
+    let full = sample().compile();
+    let rs = full.flat();
     let h: Vec<&String> = rs.elements[HAIRPIN].keys().collect();
     assert_eq!(h, ["10.244.1.5 . 10.244.1.5", "10.244.1.6 . 10.244.1.6"]);
 }
@@ -166,8 +169,9 @@ fn bad_services_are_named_and_the_rest_is_programmed() {
         "zz-clash",
         json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}),
     ));
-    let rs = o.compile();
-    let p = rs.problems.join("\n");
+    let full = o.compile();
+    let rs = full.flat();
+    let p = full.problems.join("\n");
     for want in [
         "default/bad-ip: spec.clusterIP \"10.96.0.999\" is not an IP address",
         "default/outside: spec.clusterIP 192.168.0.1 is outside the service CIDR 10.96.0.0/12",
@@ -179,9 +183,9 @@ fn bad_services_are_named_and_the_rest_is_programmed() {
     ] {
         assert!(p.contains(want), "missing {want:?} in:\n{p}");
     }
-    assert_eq!(rs.problems.len(), 7, "{p}");
+    assert_eq!(full.problems.len(), 7, "{p}");
     // Everything else is exactly as without them.
-    let good = sample().compile();
+    let good = sample().compile().flat();
     assert_eq!(rs.chains, good.chains);
     assert_eq!(rs.elements, good.elements);
 }
@@ -323,14 +327,15 @@ fn udp_endpoint_removal_deletes_its_flows() {
     t.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
     assert_eq!(stale_udp(&sample().compile(), &t.compile()), vec![]);
     assert_eq!(
-        one.ports["default/dns/udp/53"].frontends,
+        one.flat().ports["default/dns/udp/53"].frontends,
         vec![Frontend::Ip(vip, 53)]
     );
 }
 
 #[test]
 fn affinity_uses_per_endpoint_chains_and_timeout_sets() {
-    let rs = sample().compile();
+    let full = sample().compile();
+    let rs = full.flat();
     let id = "default/sticky/tcp/80";
     let chain = &rs.chains[&format!("svc/{id}")];
     assert_eq!(
@@ -345,5 +350,82 @@ fn affinity_uses_per_endpoint_chains_and_timeout_sets() {
     assert_eq!(
         rs.chains[&format!("ep/{id}/10.244.3.7/80")][0],
         format!("update @aff/{id}/10.244.3.7/80/600 {{ ip saddr }}")
+    );
+}
+
+#[test]
+fn the_compiler_rebuilds_only_what_changed() {
+    let cidr = "10.96.0.0/12".parse().unwrap();
+    let mut cache = weft_services::Cache::default();
+    let mut compiler = weft_services::Compiler::new();
+    let o = sample();
+    let first = compiler.compile(&facts(), &cache.update(&o.services, &o.slices, cidr));
+    let mut o2 = sample();
+    o2.slice(slice(
+        "web-1",
+        "web",
+        "http",
+        "TCP",
+        8080,
+        &[ready("10.244.1.5", "node1")],
+    ));
+    let second = compiler.compile(&facts(), &cache.update(&o2.services, &o2.slices, cidr));
+    let shared: Vec<&String> = first
+        .services
+        .iter()
+        .filter(|(id, f)| std::sync::Arc::ptr_eq(f, &second.services[*id]))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(shared.len(), first.services.len() - 1, "{shared:?}");
+    assert!(!shared.iter().any(|id| *id == "default/web"));
+    assert_eq!(
+        second.changed(&first).into_iter().collect::<Vec<_>>(),
+        ["default/web"]
+    );
+    // The same result as compiling from scratch, and the same diff.
+    assert_eq!(second.flat(), o2.compile().flat());
+    assert_eq!(
+        render::diff(&first, &second),
+        render::diff(&sample().compile(), &o2.compile())
+    );
+    // Then a Service changes (a new port) beside a slice of a service that does not exist: the
+    // full path again, with the same result as from scratch; and back.
+    let dns2 = || {
+        service(
+            "dns",
+            json!({"clusterIP": "10.96.0.53",
+                   "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "tcp", "port": 53}]}),
+        )
+    };
+    let ghost = || {
+        slice(
+            "ghost-1",
+            "ghost",
+            "",
+            "TCP",
+            80,
+            &[ready("10.244.1.9", "node1")],
+        )
+    };
+    let mut o3 = sample();
+    o3.svc(dns2()).slice(ghost());
+    let third = compiler.compile(&facts(), &cache.update(&o3.services, &o3.slices, cidr));
+    assert_eq!(third.flat(), o3.compile().flat());
+    assert_eq!(third.problems, o3.compile().problems);
+    let mut o4 = sample();
+    o4.svc(dns2()).slice(ghost());
+    o4.slice(slice(
+        "web-1",
+        "web",
+        "http",
+        "TCP",
+        8080,
+        &[ready("10.244.2.5", "node2")],
+    ));
+    let fourth = compiler.compile(&facts(), &cache.update(&o4.services, &o4.slices, cidr));
+    assert_eq!(fourth.flat(), o4.compile().flat());
+    assert_eq!(
+        fourth.changed(&third).into_iter().collect::<Vec<_>>(),
+        ["default/web"]
     );
 }

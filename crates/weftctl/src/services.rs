@@ -114,7 +114,7 @@ fn list(a: ServicesArgs) -> Result<(), String> {
         "{:<32} {:<14} {:<40} {:<44} CONNECTIONS",
         "SERVICE PORT", "NAME", "FRONTENDS", "ENDPOINTS"
     );
-    for (id, p) in &rs.ports {
+    for (id, p) in rs.ports() {
         let fronts: Vec<String> = p
             .frontends
             .iter()

@@ -592,7 +592,7 @@ impl super::Lab {
         println!(
             "services (ClusterIP from every pod and node; NodePort from outside via every node):"
         );
-        for (id, port) in &rs.ports {
+        for (id, port) in rs.ports() {
             let svc = objects
                 .services
                 .iter()
