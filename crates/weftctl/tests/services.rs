@@ -460,5 +460,12 @@ fn services_end_to_end() {
         services.contains("default/web/tcp/80") && services.contains("nodePort:30080"),
         "{services}"
     );
+    // node1's pods and node made connections to web in `check`: its counters show them.
+    let web = services
+        .lines()
+        .find(|l| l.starts_with("default/web/tcp/80"))
+        .unwrap();
+    let conns: u64 = web.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(conns > 0, "{services}");
     lab.ok(&["down"]);
 }
