@@ -397,10 +397,7 @@ fn services_end_to_end() {
         "service-ips",
         "{ 10.96.1.20 . tcp . 80 }",
     ]);
-    assert!(
-        ask(&lab, "p", "n1p2", fine).is_err(),
-        "the element was deleted"
-    );
+    // (No check that the service is down in between: a repair may already have run.)
     wait_for("the element restored", Duration::from_secs(12), || {
         ask(&lab, "p", "n1p2", fine).is_ok_and(|a| a == "n1p1")
     });
@@ -460,7 +457,9 @@ fn services_end_to_end() {
         services.contains("default/web/tcp/80") && services.contains("nodePort:30080"),
         "{services}"
     );
-    // node1's pods and node made connections to web in `check`: its counters show them.
+    // node2's pods and node made connections to web in `check` (node1's agent was restarted since,
+    // which replaced its table and its counters): node2's counters show them.
+    let services = lab.ok(&["services", "node2"]);
     let web = services
         .lines()
         .find(|l| l.starts_with("default/web/tcp/80"))
