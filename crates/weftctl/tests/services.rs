@@ -246,6 +246,24 @@ fn services_end_to_end() {
             "a datagram reached the removed endpoint"
         );
     }
+    // No endpoint left: a UDP client gets ICMP port unreachable (a connected socket reads it as
+    // "connection refused"), not silence.
+    apply(&lab, "dns0", &slice("dns", "dns", "UDP", 80, &[]));
+    let refused = lab
+        .netns("p", "n3p2")
+        .run(|| {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(dns)?;
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap()
+        .unwrap();
+    wait_for("an ICMP port unreachable", Duration::from_secs(5), || {
+        let _ = refused.send(b"q");
+        let mut b = [0u8; 64];
+        matches!(refused.recv(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
 
     // externalTrafficPolicy Local: the endpoint is on node2 only.
     apply(
