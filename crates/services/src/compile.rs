@@ -19,7 +19,7 @@
 //!   which the filter hooks look up: reject when the service has no endpoint at all, drop when a
 //!   Local policy leaves none on this node (as kube-proxy does).
 
-use crate::model::{Endpoint, Objects, Proto, Service, ServicePort, Slice};
+use crate::model::{Endpoint, Objects, Proto, Service, Slice};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -141,7 +141,7 @@ impl Ruleset {
             chains: self.shared.clone(),
             ..Flat::default()
         };
-        for (id, frag) in self.services.iter().filter(|(id, _)| only(id)) {
+        for (_, frag) in self.services.iter().filter(|(id, _)| only(id)) {
             f.chains
                 .extend(frag.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
             f.sets
@@ -154,7 +154,6 @@ impl Ruleset {
             }
             f.ports
                 .extend(frag.ports.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let _ = id;
         }
         if !self.hairpin.is_empty() {
             f.elements.insert(
@@ -166,6 +165,17 @@ impl Ruleset {
             );
         }
         f
+    }
+
+    /// The parts of `self` and `new` that differ, as two views: the services whose fragments
+    /// changed, plus what is shared. A diff or a cleanup between the views equals one between
+    /// the whole rulesets (an element key or a port belongs to one service).
+    pub fn changed_views(&self, new: &Ruleset) -> (Flat, Flat) {
+        let changed = self.changed(new);
+        (
+            self.view(|id| changed.contains(id)),
+            new.view(|id| changed.contains(id)),
+        )
     }
 
     /// Every service port, in service order.
@@ -321,62 +331,57 @@ impl Pick {
 #[derive(Clone, Debug, PartialEq)]
 struct Claims(Vec<(bool, Vec<bool>, bool)>);
 
+/// Claims `key` for service `sid` unless an earlier service holds it; a refusal is a problem
+/// line naming the frontend (`what`) and its holder.
+fn claim<K: Ord>(
+    held: &mut BTreeMap<K, String>,
+    key: K,
+    sid: &str,
+    what: impl FnOnce() -> String,
+    problems: &mut Vec<String>,
+) -> bool {
+    match held.get(&key) {
+        Some(other) => {
+            problems.push(format!(
+                "service {sid}: {} is already service {other}'s; left out",
+                what()
+            ));
+            false
+        }
+        None => {
+            held.insert(key, sid.to_string());
+            true
+        }
+    }
+}
+
 fn claim_all(services: &[&Arc<Service>], problems: &mut Vec<String>) -> Vec<Claims> {
     let mut ips: BTreeMap<(Ipv4Addr, Proto, u16), String> = BTreeMap::new();
     let mut nodeports: BTreeMap<(Proto, u16), String> = BTreeMap::new();
-    let mut claim_ip =
-        |sid: &str, ip: Ipv4Addr, p: &ServicePort, problems: &mut Vec<String>| match ips
-            .get(&(ip, p.proto, p.port))
-        {
-            Some(other) => {
-                problems.push(format!(
-                    "service {sid}: {ip}:{}/{} is already service {other}'s; left out",
-                    p.port, p.proto
-                ));
-                false
-            }
-            None => {
-                ips.insert((ip, p.proto, p.port), sid.to_string());
-                true
-            }
-        };
-    services
-        .iter()
-        .map(|svc| {
-            let sid = svc.id();
-            Claims(
-                svc.ports
-                    .iter()
-                    .map(|p| {
-                        let internal = svc
-                            .cluster_ip
-                            .is_some_and(|ip| claim_ip(&sid, ip, p, problems));
-                        let external = svc
-                            .external_ips
-                            .iter()
-                            .map(|&ip| claim_ip(&sid, ip, p, problems))
-                            .collect();
-                        let np = p.node_port.is_some_and(|np| {
-                            match nodeports.get(&(p.proto, np)) {
-                                Some(other) => {
-                                    problems.push(format!(
-                                        "service {sid}: nodePort {np}/{} is already service {other}'s; left out",
-                                        p.proto
-                                    ));
-                                    false
-                                }
-                                None => {
-                                    nodeports.insert((p.proto, np), sid.clone());
-                                    true
-                                }
-                            }
-                        });
-                        (internal, external, np)
-                    })
-                    .collect(),
-            )
-        })
-        .collect()
+    let mut out = Vec::with_capacity(services.len());
+    for svc in services {
+        let sid = svc.id();
+        let mut ports = Vec::with_capacity(svc.ports.len());
+        for p in &svc.ports {
+            let mut claim_ip = |ip: Ipv4Addr, problems: &mut Vec<String>| {
+                let what = || format!("{ip}:{}/{}", p.port, p.proto);
+                claim(&mut ips, (ip, p.proto, p.port), &sid, what, problems)
+            };
+            let internal = svc.cluster_ip.is_some_and(|ip| claim_ip(ip, problems));
+            let external = svc
+                .external_ips
+                .iter()
+                .map(|&ip| claim_ip(ip, problems))
+                .collect();
+            let np = p.node_port.is_some_and(|np| {
+                let what = || format!("nodePort {np}/{}", p.proto);
+                claim(&mut nodeports, (p.proto, np), &sid, what, problems)
+            });
+            ports.push((internal, external, np));
+        }
+        out.push(Claims(ports));
+    }
+    out
 }
 
 /// Builds one service's fragment.
@@ -546,7 +551,8 @@ impl Builder<'_> {
             format!("fib saddr type local goto {all}"),
             last,
         ];
-        if affinity_free(&name) {
+        // Without affinity it only refers to shared picks, so services share it.
+        if svc.affinity.is_none() {
             self.frag.shared.insert(name.clone(), rules);
         } else {
             self.frag.chains.insert(name.clone(), rules);
@@ -669,11 +675,6 @@ impl Builder<'_> {
         }
         self.frag
     }
-}
-
-/// Whether an ext chain only refers to shared picks (so services can share it).
-fn affinity_free(ext: &str) -> bool {
-    !ext.contains("/svc/") && !ext.contains("/local/")
 }
 
 /// What a fragment was built from; the same inputs give the same fragment.

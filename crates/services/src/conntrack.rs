@@ -3,7 +3,7 @@
 //! keeps going to the dead endpoint. kube-proxy's long-standing bug; Weft deletes those entries
 //! as soon as the endpoint leaves the service.
 
-use crate::compile::{Frontend, Ruleset};
+use crate::compile::{Flat, Frontend, Ruleset};
 use crate::model::Proto;
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -36,12 +36,12 @@ fn targets(frontends: &[Frontend], endpoint: Option<Ipv4Addr>, out: &mut Vec<Del
 /// left its service port, and every flow to a UDP service port that had no endpoint before (such
 /// flows were made while it rejected, or before it existed).
 pub fn stale_udp(old: &Ruleset, new: &Ruleset) -> Vec<Delete> {
-    // Only services whose fragments changed can have changed ports.
-    let changed = old.changed(new);
-    let (old, new) = (
-        old.view(|id| changed.contains(id)),
-        new.view(|id| changed.contains(id)),
-    );
+    let (old, new) = old.changed_views(new);
+    stale_udp_views(&old, &new)
+}
+
+/// [`stale_udp`] between two views from [`Ruleset::changed_views`].
+pub fn stale_udp_views(old: &Flat, new: &Flat) -> Vec<Delete> {
     let mut out = Vec::new();
     for (id, o) in old.ports.iter().filter(|(_, p)| p.proto == Proto::Udp) {
         let now = new.ports.get(id);

@@ -61,9 +61,20 @@ impl Proxy {
     /// after the table changed (so new packets already pick a live endpoint).
     pub fn sync(&mut self, facts: &NodeFacts, rs: Ruleset) -> Result<SyncReport, String> {
         let start = Instant::now();
+        // What differs from the last sync, computed once for the nft update and for conntrack.
+        // Before the first sync that is everything, and the same view renders the full table.
+        let (old_view, new_view) = match &self.applied {
+            Some((_, old)) => old.changed_views(&rs),
+            None => (Flat::default(), rs.flat()),
+        };
         let (kind, text, recovered_from) = match &self.applied {
-            Some((f, old)) if f == facts => {
-                let text = render::diff(old, &rs);
+            None => {
+                let full = render::full_flat(facts, &new_view);
+                nft::apply(&full)?;
+                (SyncKind::Full, full, None)
+            }
+            Some((f, _)) if f == facts => {
+                let text = render::diff_views(&old_view, &new_view);
                 if text.is_empty() {
                     (SyncKind::Unchanged, text, None)
                 } else {
@@ -83,10 +94,8 @@ impl Proxy {
                 (SyncKind::Full, full, None)
             }
         };
-        let empty = Ruleset::default();
-        let old = self.applied.as_ref().map(|(_, r)| r).unwrap_or(&empty);
         let mut deletes = std::mem::take(&mut self.pending);
-        deletes.extend(conntrack::stale_udp(old, &rs));
+        deletes.extend(conntrack::stale_udp_views(&old_view, &new_view));
         deletes.sort();
         deletes.dedup();
         let conntrack_deletes = deletes.len();

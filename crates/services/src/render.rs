@@ -188,9 +188,14 @@ fn everything(facts: &NodeFacts, rs: &Flat, in_place: bool) -> String {
 /// The whole table, replacing whatever is there (in one transaction: no packet sees it half
 /// made). Affinity sets and counters start empty.
 pub fn full(facts: &NodeFacts, rs: &Ruleset) -> String {
+    full_flat(facts, &rs.flat())
+}
+
+/// [`full`] from the ruleset's flat view.
+pub fn full_flat(facts: &NodeFacts, flat: &Flat) -> String {
     format!(
         "add table ip {TABLE}\ndelete table ip {TABLE}\n{}",
-        everything(facts, &rs.flat(), false)
+        everything(facts, flat, false)
     )
 }
 
@@ -204,11 +209,13 @@ pub fn repair(facts: &NodeFacts, rs: &Ruleset) -> String {
 /// The commands that turn the table from `old` into `new` (same node facts): only chains whose
 /// rules differ are rewritten, only changed map elements are touched.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
-    // Only the services whose fragments changed (an element key belongs to one service), and
-    // what is shared.
-    let changed = old.changed(new);
-    let old = &old.view(|id| changed.contains(id));
-    let new = &new.view(|id| changed.contains(id));
+    let (old, new) = old.changed_views(new);
+    diff_views(&old, &new)
+}
+
+/// [`diff`] between two views from [`Ruleset::changed_views`]: only the services whose
+/// fragments changed, and what is shared.
+pub fn diff_views(old: &Flat, new: &Flat) -> String {
     let mut out = String::new();
     for (name, timeout) in &new.sets {
         if !old.sets.contains_key(name) {
