@@ -211,7 +211,8 @@ pub async fn run<S: Store>(
             last_problems = rs.problems.clone();
         }
         m.problems.set(rs.problems.len() as i64);
-        m.service_ports.set(rs.ports().count() as i64);
+        let ports = rs.ports().count();
+        m.service_ports.set(ports as i64);
         health_ports.update(&rs.health).await;
         let repair = last_repair.elapsed() >= cfg.services_repair;
         let mut p = proxy.take().expect("the proxy is put back after each sync");
@@ -247,7 +248,7 @@ pub async fn run<S: Store>(
                     info!(
                         "services: {:?} sync, {} service port(s), {} bytes of nft, {:.1} ms, {} conntrack deletion(s)",
                         r.kind,
-                        objects.services.iter().map(|s| s.ports.len()).sum::<usize>(),
+                        ports,
                         r.bytes,
                         r.seconds * 1e3,
                         r.conntrack_deletes

@@ -4,6 +4,8 @@
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use weft_plugin::config::SUBNET_FILE;
+use weft_plugin::subnet_env::SubnetEnv;
 use weft_store::{AnyStore, Store};
 
 #[derive(Args)]
@@ -90,14 +92,9 @@ fn list(a: ServicesArgs) -> Result<(), String> {
             .map(|h| h.trim().to_string())
             .unwrap_or_default(),
     };
-    let subnet_env = a.run_dir.join("subnet.env");
-    let local_subnet = std::fs::read_to_string(&subnet_env)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("WEFT_SUBNET="))
-                .and_then(|s| s.trim().parse().ok())
-        })
+    // Without subnet.env (no agent here) no endpoint counts as local.
+    let local_subnet = SubnetEnv::read(&a.run_dir.join(SUBNET_FILE))?
+        .and_then(|env| env.subnet)
         .unwrap_or("0.0.0.0/32".parse().expect("literal"));
     let to_map = |kvs: Vec<weft_store::KeyValue>| -> BTreeMap<String, Vec<u8>> {
         kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()

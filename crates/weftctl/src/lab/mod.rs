@@ -902,10 +902,9 @@ impl Lab {
 
 /// The node's subnet as its agent wrote it to subnet.env.
 fn weft_plugin_subnet(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("run/subnet.env")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("WEFT_SUBNET="))
-        .map(|s| s.trim().to_string())
+    let path = dir.join("run").join(weft_plugin::config::SUBNET_FILE);
+    let env = weft_plugin::subnet_env::SubnetEnv::read(&path).ok()??;
+    env.subnet.map(|s| s.to_string())
 }
 
 /// Waits (bounded) for the node's agent to lease a subnet and write subnet.env.
