@@ -38,6 +38,9 @@ pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const HAIRPIN: &str = "hairpin";
 /// The chain a no-endpoint entry jumps to.
 pub const REJECT_CHAIN: &str = "reject-service";
+/// The chain a no-endpoint NodePort entry jumps to: it checks that the packet is for this node
+/// only after the port matched, so the filter hooks do no route lookup for other traffic.
+pub const NODEPORT_REJECT_CHAIN: &str = "reject-nodeport";
 /// Endpoint maps, one per (frontend kind, endpoint set, protocol): frontend . index → endpoint
 /// address . port. (One map per protocol: nft 1.0.6 cannot reload a map typed by `th dport`.)
 pub const EP_MAPS: [&str; 12] = [
@@ -505,13 +508,13 @@ impl Builder<'_> {
         local: &[(Ipv4Addr, u16)],
     ) {
         let (table, key) = verdict;
-        let none = if matches!(pick, Pick::Ips) {
-            NO_ENDPOINT_IPS
+        let (none, reject) = if matches!(pick, Pick::Ips) {
+            (NO_ENDPOINT_IPS, REJECT_CHAIN)
         } else {
-            NO_ENDPOINT_NODEPORTS
+            (NO_ENDPOINT_NODEPORTS, NODEPORT_REJECT_CHAIN)
         };
         if cluster.is_empty() {
-            self.element(none, key, format!("goto {REJECT_CHAIN}"));
+            self.element(none, key, format!("goto {reject}"));
             return;
         }
         if !policy_local {
@@ -521,8 +524,9 @@ impl Builder<'_> {
         }
         if !external {
             // internalTrafficPolicy Local: this node's endpoints, or nothing.
+            // Only service addresses have an internal policy: NodePorts are always external.
             if local.is_empty() {
-                self.element(none, key, "drop".into());
+                self.element(NO_ENDPOINT_IPS, key, "drop".into());
             } else {
                 let c = self.route(id, proto, svc.affinity, pick.local(), ep_key, local);
                 self.element(table, key, format!("goto {c}"));

@@ -12,8 +12,8 @@ fn fixed_chains(facts: &NodeFacts) -> Vec<(&'static str, Option<&'static str>, V
     let cluster = facts.cluster_cidr;
     let local = facts.local_subnet;
     let lookup_ips = "ip daddr . meta l4proto . th dport vmap @";
-    let lookup_nodeports =
-        "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @";
+    let for_node = "fib daddr type local ip daddr != 127.0.0.0/8";
+    let lookup_nodeports = format!("{for_node} meta l4proto . th dport vmap @");
     vec![
         (
             "nat-prerouting",
@@ -65,13 +65,21 @@ fn fixed_chains(facts: &NodeFacts) -> Vec<(&'static str, Option<&'static str>, V
             Some("type filter hook output priority -5; policy accept;"),
             vec!["ct state new jump endpoints-check".into()],
         ),
+        // `ct state new` holds for every packet of a UDP flow that has had no reply, such as the
+        // VXLAN tunnel's: so this chain looks up ports first and leaves the route lookup
+        // (`fib daddr type local`) to the few packets whose port is a NodePort's.
         (
             "endpoints-check",
             None,
             vec![
                 format!("{lookup_ips}{NO_ENDPOINT_IPS}"),
-                format!("{lookup_nodeports}{NO_ENDPOINT_NODEPORTS}"),
+                format!("meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"),
             ],
+        ),
+        (
+            NODEPORT_REJECT_CHAIN,
+            None,
+            vec![format!("{for_node} goto {REJECT_CHAIN}")],
         ),
         (
             REJECT_CHAIN,

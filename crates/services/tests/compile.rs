@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use serde_json::json;
 use std::net::Ipv4Addr;
-use weft_services::compile::{Frontend, HAIRPIN, NO_ENDPOINT_IPS, SERVICE_IPS, SERVICE_NODEPORTS};
+use weft_services::compile::{
+    Frontend, HAIRPIN, NO_ENDPOINT_IPS, NO_ENDPOINT_NODEPORTS, SERVICE_IPS, SERVICE_NODEPORTS,
+};
 use weft_services::conntrack::{stale_udp, Delete};
 use weft_services::render;
 
@@ -40,6 +42,13 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
     assert_eq!(no["10.96.0.53 . udp . 53"], "goto reject-service");
     assert_eq!(no["10.96.0.40 . tcp . 80"], "drop");
     assert!(!rs.elements[SERVICE_IPS].contains_key("10.96.0.53 . udp . 53"));
+    // A NodePort's entry matches on the port alone; the chain it goes to then checks that the
+    // packet is for this node, so other traffic is never route-looked-up per packet.
+    assert_eq!(
+        rs.elements[NO_ENDPOINT_NODEPORTS]["tcp . 30099"],
+        "goto reject-nodeport"
+    );
+    assert!(!rs.elements[SERVICE_NODEPORTS].contains_key("tcp . 30099"));
 }
 
 #[test]

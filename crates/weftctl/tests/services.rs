@@ -115,7 +115,7 @@ fn services_end_to_end() {
     assert!(check.contains(" 0 failed"), "{check}");
     assert!(check.contains("default/web/tcp/80: 12/12 ok"), "{check}");
     assert!(
-        check.contains("default/nobody/tcp/80: 9/9 ok, answered by refused×9"),
+        check.contains("default/nobody/tcp/80: 12/12 ok, answered by refused×12"),
         "{check}"
     );
 

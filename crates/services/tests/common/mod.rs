@@ -118,6 +118,12 @@ pub fn sample() -> Objects {
         json!({"clusterIP": "10.96.0.53",
         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}),
     ));
+    // A NodePort without endpoints: rejected too.
+    o.svc(service(
+        "nobody",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.99",
+        "ports": [{"port": 80, "nodePort": 30099}]}),
+    ));
     // LoadBalancer, externalTrafficPolicy Local, an external IP and a health check port.
     o.svc(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "lb", "namespace": "default"},
