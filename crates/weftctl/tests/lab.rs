@@ -59,6 +59,42 @@ fn directrouting_across_two_subnets() {
     all_connect("directrouting", &["--subnets", "2"], "dr");
 }
 
+/// A jumbo-frame underlay: weftd gives VXLAN pods the underlay MTU less the tunnel's 50 bytes, and
+/// the largest packet that fits crosses the tunnel unfragmented.
+#[test]
+fn jumbo_underlay_vxlan() {
+    let lab = Lab::new("mtu");
+    let out = lab.run(&["up", "--nodes", "1", "--mtu", "70000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--mtu: 70000 is not in 1280..9216"), "{err}");
+    assert_eq!(lab.namespaces(), Vec::<String>::new());
+    lab.ok(&[
+        "up", "--nodes", "2", "--pods", "1", "--backend", "vxlan", "--mtu", "9000",
+    ]);
+    let link = lab.ip("n1p1", &["-o", "link", "show", "eth0"]);
+    assert!(link.contains(" mtu 8950 "), "{link}");
+    let vxlan = lab.ip("node1", &["-o", "link", "show", "weft.vxlan"]);
+    assert!(vxlan.contains(" mtu 8950 "), "{vxlan}");
+    let peer = pod_ip(&lab, "n2p1").to_string();
+    let ping = |size: &str| {
+        lab.run(&[
+            "exec", "n1p1", "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
+            &peer,
+        ])
+    };
+    // 8950 − 20 (IP) − 8 (ICMP): the largest that fits; one more is refused at the pod.
+    let fits = ping("8922");
+    assert!(
+        fits.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fits.stdout)
+    );
+    let too_big = ping("8923");
+    assert!(!too_big.status.success());
+    let matrix = lab.ok(&["check"]);
+    assert!(matrix.contains("4 passed, 0 failed"), "{matrix}");
+}
+
 #[test]
 fn host_gw_names_peers_it_cannot_reach() {
     let lab = Lab::new("hg2");

@@ -117,6 +117,10 @@ struct UpArgs {
     /// The cluster's pod CIDR.
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: ipnet::Ipv4Net,
+    /// MTU of the underlay (every link of the fabric), e.g. 9000 for jumbo frames; weftd gives
+    /// pods this minus the backend's overhead.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
     /// Where the weft and weftd binaries are (default: beside weftctl).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -314,6 +318,9 @@ impl Lab {
         if !(1..=2).contains(&a.subnets) {
             return Err(format!("--subnets: {} is not 1 or 2", a.subnets));
         }
+        if !(1280..=9216).contains(&a.mtu) {
+            return Err(format!("--mtu: {} is not in 1280..9216", a.mtu));
+        }
         let bin_dir = find_bin_dir(a.bin_dir.clone())?;
         if a.store == "etcd" && !Path::new("/usr/bin/etcd").exists() {
             return Err(
@@ -355,6 +362,7 @@ impl Lab {
         make_netns(&s.fabric_netns)?;
         self.save(s)?;
         let fab = s.fabric_netns.clone();
+        let mtu = a.mtu.to_string();
         for k in 1..=a.subnets {
             let br = format!("br{k}");
             run_ip(&fab, &["link", "add", &br, "type", "bridge"])?;
@@ -369,7 +377,8 @@ impl Lab {
         run_ip(
             &fab,
             &[
-                "link", "add", "outside", "type", "veth", "peer", "name", "eth0", "netns", &out,
+                "link", "add", "outside", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+                &mtu, "netns", &out,
             ],
         )?;
         run_ip(&fab, &["addr", "add", "10.102.0.1/30", "dev", "outside"])?;
@@ -421,7 +430,8 @@ impl Lab {
             run_ip(
                 &fab,
                 &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+                    "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
+                    "mtu", &mtu, "netns", &netns,
                 ],
             )?;
             run_ip(
