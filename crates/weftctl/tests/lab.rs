@@ -66,10 +66,21 @@ fn jumbo_underlay_vxlan() {
     let lab = Lab::new("mtu");
     let out = lab.run(&["up", "--nodes", "1", "--mtu", "70000"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--mtu: 70000 is not in 1280..9216"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("--mtu: 70000 is not in 1280..9216"),
+        "{err}"
+    );
     assert_eq!(lab.namespaces(), Vec::<String>::new());
     lab.ok(&[
-        "up", "--nodes", "2", "--pods", "1", "--backend", "vxlan", "--mtu", "9000",
+        "up",
+        "--nodes",
+        "2",
+        "--pods",
+        "1",
+        "--backend",
+        "vxlan",
+        "--mtu",
+        "9000",
     ]);
     let link = lab.ip("n1p1", &["-o", "link", "show", "eth0"]);
     assert!(link.contains(" mtu 8950 "), "{link}");

@@ -377,8 +377,8 @@ impl Lab {
         run_ip(
             &fab,
             &[
-                "link", "add", "outside", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
-                &mtu, "netns", &out,
+                "link", "add", "outside", "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
+                "mtu", &mtu, "netns", &out,
             ],
         )?;
         run_ip(&fab, &["addr", "add", "10.102.0.1/30", "dev", "outside"])?;
