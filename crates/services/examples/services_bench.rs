@@ -224,8 +224,9 @@ fn delete_table(ns: &Netns, table: &str) {
     });
 }
 
+/// One timed sync. `render` is timed only for full syncs (to split their sync time in two).
 #[derive(Default)]
-struct FullSample {
+struct Sample {
     parse: Duration,
     compile: Duration,
     render: Duration,
@@ -233,43 +234,48 @@ struct FullSample {
     bytes: usize,
 }
 
-#[derive(Default)]
-struct ChangeSample {
-    parse: Duration,
-    compile: Duration,
-    sync: Duration,
-    bytes: usize,
+impl Sample {
+    fn total(&self) -> Duration {
+        self.parse + self.compile + self.sync
+    }
 }
 
-/// One full sync of `st` into `ns` (whose table must be absent) with a new proxy and a new parse
-/// cache (left primed in `cache`, as the agent's is after its first sync).
-fn full_sync(
+/// The agent's path for the store `st`: parse what changed, compile everything, sync.
+/// `SyncKind::Full` starts from a new proxy cache and parse cache (left primed in `cache`, as the
+/// agent's is after its first sync) into `ns`, whose table must be absent; otherwise the sync must be
+/// incremental.
+fn timed_sync(
     ns: &Netns,
     proxy: &mut Proxy,
     cache: &mut (Cache, Compiler),
     st: &Store,
-) -> FullSample {
+    kind: SyncKind,
+) -> Sample {
     let facts = facts();
     let start = Instant::now();
-    *cache = (Cache::default(), Compiler::new());
+    if kind == SyncKind::Full {
+        *cache = (Cache::default(), Compiler::new());
+    }
     let objects = cache.0.update(&st.services, &st.slices, service_cidr());
     let parse = start.elapsed();
     let start = Instant::now();
     let rs = cache.1.compile(&facts, &objects);
     let compile = start.elapsed();
     assert!(rs.problems.is_empty(), "{:?}", &rs.problems[..1]);
-    // Rendering is part of the sync; timed once more on its own to split the sync in two.
-    let start = Instant::now();
-    let text = render::full(&facts, &rs);
-    let render = start.elapsed();
-    drop(text);
+    let mut render = Duration::ZERO;
+    if kind == SyncKind::Full {
+        // Rendering is part of the sync; timed once more on its own.
+        let start = Instant::now();
+        drop(render::full(&facts, &rs));
+        render = start.elapsed();
+    }
     let (report, sync) = in_ns(ns, || {
         let start = Instant::now();
-        let r = proxy.sync(&facts, rs).expect("full sync");
+        let r = proxy.sync(&facts, rs).expect("sync");
         (r, start.elapsed())
     });
-    assert_eq!(report.kind, SyncKind::Full);
-    FullSample {
+    assert_eq!(report.kind, kind, "{:?}", report.recovered_from);
+    Sample {
         parse,
         compile,
         render,
@@ -278,44 +284,10 @@ fn full_sync(
     }
 }
 
-/// The agent's path for a changed store: parse what changed, compile everything, sync the
-/// difference.
-fn change_sync(
-    ns: &Netns,
-    proxy: &mut Proxy,
-    cache: &mut (Cache, Compiler),
-    st: &Store,
-) -> ChangeSample {
-    let facts = facts();
-    let start = Instant::now();
-    let objects = cache.0.update(&st.services, &st.slices, service_cidr());
-    let parse = start.elapsed();
-    let start = Instant::now();
-    let rs = cache.1.compile(&facts, &objects);
-    let compile = start.elapsed();
-    let (report, sync) = in_ns(ns, || {
-        let start = Instant::now();
-        let r = proxy.sync(&facts, rs).expect("incremental sync");
-        (r, start.elapsed())
-    });
-    assert_eq!(
-        report.kind,
-        SyncKind::Incremental,
-        "{:?}",
-        report.recovered_from
-    );
-    ChangeSample {
-        parse,
-        compile,
-        sync,
-        bytes: report.bytes,
-    }
-}
-
 struct SizeResult {
     n: usize,
-    full: Vec<FullSample>,
-    change: Vec<ChangeSample>,
+    full: Vec<Sample>,
+    change: Vec<Sample>,
     linear_load: Vec<Duration>,
     linear_change: Vec<Duration>,
     linear_bytes: usize,
@@ -354,13 +326,20 @@ fn measure_size(
         }
         delete_table(weft_ns, render::TABLE);
         *proxy = Proxy::new();
-        r.full.push(full_sync(weft_ns, proxy, cache, &base));
+        r.full
+            .push(timed_sync(weft_ns, proxy, cache, &base, SyncKind::Full));
         let (i, k, ip) = change(n, rep);
         let mut changed = base.clone();
         let mut eps: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|k| endpoint(n, i, k)).collect();
         eps[k] = ip;
         changed.slices.insert(slice_key(i), slice_json(i, &eps));
-        r.change.push(change_sync(weft_ns, proxy, cache, &changed));
+        r.change.push(timed_sync(
+            weft_ns,
+            proxy,
+            cache,
+            &changed,
+            SyncKind::Incremental,
+        ));
 
         delete_table(linear_ns, LINEAR);
         r.linear_load.push(apply_in(linear_ns, &linear));
@@ -372,14 +351,14 @@ fn measure_size(
         eprintln!(
             "  N={n} rep {}: weft full {:.0} ms, change {:.1} ms; linear load {:.0} ms, change {:.1} ms",
             rep + 1,
-            ms(total_full(r.full.last().unwrap())),
-            ms(total_change(r.change.last().unwrap())),
+            ms(r.full.last().unwrap().total()),
+            ms(r.change.last().unwrap().total()),
             ms(*r.linear_load.last().unwrap()),
             ms(*r.linear_change.last().unwrap()),
         );
     }
     // Back to the base objects for the traffic tests (untimed).
-    change_sync(weft_ns, proxy, cache, &base);
+    timed_sync(weft_ns, proxy, cache, &base, SyncKind::Incremental);
     let (i, k, _) = change(n, r.full.len() - 1);
     apply_in(
         linear_ns,
@@ -389,14 +368,6 @@ fn measure_size(
         ),
     );
     r
-}
-
-fn total_full(s: &FullSample) -> Duration {
-    s.parse + s.compile + s.sync
-}
-
-fn total_change(s: &ChangeSample) -> Duration {
-    s.parse + s.compile + s.sync
 }
 
 fn ms(d: Duration) -> f64 {
@@ -805,8 +776,8 @@ fn report(
             "{:<9} {:<5} {:<24} {:<24} {:<24} {:<24}",
             r.n,
             r.full.len(),
-            mmm(r.full.iter().map(total_full).collect()),
-            mmm(r.change.iter().map(total_change).collect()),
+            mmm(r.full.iter().map(Sample::total).collect()),
+            mmm(r.change.iter().map(Sample::total).collect()),
             mmm(r.linear_load.clone()),
             mmm(r.linear_change.clone()),
         );
@@ -827,8 +798,8 @@ fn report(
         "nft bytes"
     );
     for r in results {
-        let f = |g: fn(&FullSample) -> Duration| ms(median(r.full.iter().map(g).collect()));
-        let c = |g: fn(&ChangeSample) -> Duration| ms(median(r.change.iter().map(g).collect()));
+        let f = |g: fn(&Sample) -> Duration| ms(median(r.full.iter().map(g).collect()));
+        let c = |g: fn(&Sample) -> Duration| ms(median(r.change.iter().map(g).collect()));
         println!(
             "{:<9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11} | {:>9.2} {:>9.2} {:>9.2} {:>9}",
             r.n,
@@ -887,8 +858,8 @@ fn report(
     }
     println!();
     let last = results.last().unwrap();
-    let full = ms(median(last.full.iter().map(total_full).collect()));
-    let change = ms(median(last.change.iter().map(total_change).collect()));
+    let full = ms(median(last.full.iter().map(Sample::total).collect()));
+    let change = ms(median(last.change.iter().map(Sample::total).collect()));
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("targets at N={}:", last.n);
     println!(
