@@ -204,18 +204,11 @@ fn one_endpoint_change_is_two_map_elements() {
     let before = sample().compile();
     // One endpoint replaced: the same number of endpoints, so no chain changes at all.
     let mut o = sample();
-    o.slice(slice(
-        "web-1",
-        "web",
-        "http",
-        "TCP",
-        8080,
-        &[
-            ready("10.244.1.5", "node1"),
-            ready("10.244.2.5", "node2"),
-            ready("10.244.3.6", "node3"),
-        ],
-    ));
+    o.slice(web_slice(&[
+        ready("10.244.1.5", "node1"),
+        ready("10.244.2.5", "node2"),
+        ready("10.244.3.6", "node3"),
+    ]));
     let d = render::diff(&before, &o.compile());
     assert_eq!(
         d,
@@ -227,14 +220,10 @@ fn one_endpoint_change_is_two_map_elements() {
     // One endpoint fewer: the service's chains move to the 2-endpoint pick, the third element
     // goes, and the 3-endpoint pick chains nothing uses any more are deleted.
     let mut o = sample();
-    o.slice(slice(
-        "web-1",
-        "web",
-        "http",
-        "TCP",
-        8080,
-        &[ready("10.244.1.5", "node1"), ready("10.244.2.5", "node2")],
-    ));
+    o.slice(web_slice(&[
+        ready("10.244.1.5", "node1"),
+        ready("10.244.2.5", "node2"),
+    ]));
     let after = o.compile();
     let d = render::diff(&before, &after);
     for want in [
@@ -255,7 +244,7 @@ fn one_endpoint_change_is_two_map_elements() {
 fn scaled_to_zero_and_back() {
     let before = sample().compile();
     let mut o = sample();
-    o.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
+    o.slice(web_slice(&[]));
     let zero = o.compile();
     let d = render::diff(&before, &zero);
     assert!(
@@ -333,7 +322,7 @@ fn udp_endpoint_removal_deletes_its_flows() {
     assert_eq!(stale_udp(&one, &one), vec![]);
     // TCP endpoints leaving need nothing: their connections end by themselves.
     let mut t = sample();
-    t.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
+    t.slice(web_slice(&[]));
     assert_eq!(stale_udp(&sample().compile(), &t.compile()), vec![]);
     assert_eq!(
         one.flat().ports["default/dns/udp/53"].frontends,
@@ -370,14 +359,7 @@ fn the_compiler_rebuilds_only_what_changed() {
     let o = sample();
     let first = compiler.compile(&facts(), &cache.update(&o.services, &o.slices, cidr));
     let mut o2 = sample();
-    o2.slice(slice(
-        "web-1",
-        "web",
-        "http",
-        "TCP",
-        8080,
-        &[ready("10.244.1.5", "node1")],
-    ));
+    o2.slice(web_slice(&[ready("10.244.1.5", "node1")]));
     let second = compiler.compile(&facts(), &cache.update(&o2.services, &o2.slices, cidr));
     let shared: Vec<&String> = first
         .services
@@ -423,14 +405,7 @@ fn the_compiler_rebuilds_only_what_changed() {
     assert_eq!(third.problems, o3.compile().problems);
     let mut o4 = sample();
     o4.svc(dns2()).slice(ghost());
-    o4.slice(slice(
-        "web-1",
-        "web",
-        "http",
-        "TCP",
-        8080,
-        &[ready("10.244.2.5", "node2")],
-    ));
+    o4.slice(web_slice(&[ready("10.244.2.5", "node2")]));
     let fourth = compiler.compile(&facts(), &cache.update(&o4.services, &o4.slices, cidr));
     assert_eq!(fourth.flat(), o4.compile().flat());
     assert_eq!(

@@ -101,14 +101,7 @@ fn full_incremental_and_repair_agree_with_the_kernel() {
 
     // Scale web to one endpoint and drop the LB service: an incremental update.
     let mut o = sample();
-    o.slice(slice(
-        "web-1",
-        "web",
-        "http",
-        "TCP",
-        8080,
-        &[ready("10.244.2.5", "node2")],
-    ));
+    o.slice(web_slice(&[ready("10.244.2.5", "node2")]));
     o.services.remove("/registry/services/specs/default/lb");
     let rs2 = o.compile();
     let r = ns
@@ -155,7 +148,7 @@ fn full_incremental_and_repair_agree_with_the_kernel() {
         .unwrap()
         .unwrap();
     let mut o = sample();
-    o.slice(slice("web-1", "web", "http", "TCP", 8080, &[]));
+    o.slice(web_slice(&[]));
     let rs3 = o.compile();
     let r = ns
         .netns

@@ -43,6 +43,11 @@ pub fn slice(
            "endpoints": endpoints})
 }
 
+/// The sample's `web` slice (port `http`, TCP 8080) with these endpoints.
+pub fn web_slice(eps: &[(&str, &str, bool, bool, bool)]) -> Value {
+    slice("web-1", "web", "http", "TCP", 8080, eps)
+}
+
 pub fn ready(
     ip: &'static str,
     node: &'static str,
@@ -100,18 +105,11 @@ pub fn sample() -> Objects {
         json!({"type": "NodePort", "clusterIP": "10.96.0.10",
         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}),
     ));
-    o.slice(slice(
-        "web-1",
-        "web",
-        "http",
-        "TCP",
-        8080,
-        &[
-            ready("10.244.1.5", "node1"),
-            ready("10.244.2.5", "node2"),
-            ready("10.244.3.5", "node3"),
-        ],
-    ));
+    o.slice(web_slice(&[
+        ready("10.244.1.5", "node1"),
+        ready("10.244.2.5", "node2"),
+        ready("10.244.3.5", "node3"),
+    ]));
     // UDP without endpoints: rejected.
     o.svc(service(
         "dns",
