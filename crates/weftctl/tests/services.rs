@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 fn apply(lab: &Lab, tag: &str, yaml: &str) {
@@ -422,18 +422,7 @@ fn services_end_to_end() {
 
     // An established connection through a service survives kill -9 and restart of the agent on
     // the client's node (where the DNAT happened).
-    let listener = lab
-        .netns("p", "n2p2")
-        .run(|| TcpListener::bind((n2p2, 7000)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut c, _)) = listener.accept() {
-            let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
-            let mut b = [0u8; 1];
-            while c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {}
-        }
-    });
+    echo_server(&lab, "n2p2", n2p2);
     apply(
         &lab,
         "stream",
@@ -450,12 +439,7 @@ fn services_end_to_end() {
             .ok();
         conn.is_some()
     });
-    let mut c = conn.unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut echo = move || {
-        let mut b = [0u8; 1];
-        c.write_all(b"x").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"x"
-    };
+    let mut echo = echo(conn.unwrap());
     assert!(echo());
     lab.ok(&["node", "restart", "node1", "--kill"]);
     for _ in 0..10 {

@@ -134,17 +134,11 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> 
     start.elapsed()
 }
 
-/// An echo stream from pod `from` to pod `to`, made by this test process inside the pods'
-/// namespaces: returns a closure that sends a byte and expects it back.
-pub fn echo_stream(
-    lab: &Lab,
-    from: &str,
-    to: &str,
-    to_ip: std::net::Ipv4Addr,
-) -> impl FnMut() -> bool {
+/// A one-connection echo server on `ip`:7000 inside pod `pod`, run by a thread of this process.
+pub fn echo_server(lab: &Lab, pod: &str, ip: std::net::Ipv4Addr) {
     let listener = lab
-        .netns("p", to)
-        .run(|| TcpListener::bind((to_ip, 7000)))
+        .netns("p", pod)
+        .run(|| TcpListener::bind((ip, 7000)))
         .unwrap()
         .unwrap();
     std::thread::spawn(move || {
@@ -154,17 +148,33 @@ pub fn echo_stream(
             while c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {}
         }
     });
-    let dst = SocketAddr::from((to_ip, 7000));
-    let mut s = lab
-        .netns("p", from)
-        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
-        .unwrap()
-        .unwrap();
+}
+
+/// A closure that sends a byte on `s` and expects it back.
+pub fn echo(mut s: TcpStream) -> impl FnMut() -> bool {
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     move || {
         let mut b = [0u8; 1];
         s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"x"
     }
+}
+
+/// An echo stream from pod `from` to pod `to`, made by this test process inside the pods'
+/// namespaces: returns a closure that sends a byte and expects it back.
+pub fn echo_stream(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    to_ip: std::net::Ipv4Addr,
+) -> impl FnMut() -> bool {
+    echo_server(lab, to, to_ip);
+    let dst = SocketAddr::from((to_ip, 7000));
+    let s = lab
+        .netns("p", from)
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+        .unwrap()
+        .unwrap();
+    echo(s)
 }
 
 pub fn pod_ip(lab: &Lab, pod: &str) -> std::net::Ipv4Addr {
