@@ -6,8 +6,7 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -144,19 +143,14 @@ fn restart_drift_and_leave() {
     let lab = Lab::new("ops");
     lab.ok(&["up", "--nodes", "3", "--pods", "1", "--backend", "vxlan"]);
     // The agent's health and metrics endpoints, inside node1.
-    let get = |path: &str| -> String {
-        let addr = SocketAddr::from(([127, 0, 0, 1], 9967));
-        let mut c = lab
-            .netns("n", "node1")
-            .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-            .unwrap()
-            .unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut out = String::new();
-        let _ = c.read_to_string(&mut out);
-        out
+    let get = |path: &str| {
+        http_get(
+            &lab,
+            "n",
+            "node1",
+            SocketAddr::from(([127, 0, 0, 1], 9967)),
+            path,
+        )
     };
     assert!(get("/healthz").starts_with("HTTP/1.1 200"));
     assert!(get("/readyz").starts_with("HTTP/1.1 200"));

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -78,19 +78,6 @@ fn served_everywhere(lab: &Lab, addr: SocketAddr) {
             || ask(lab, "p", client, addr).is_ok(),
         );
     }
-}
-
-fn http_get(lab: &Lab, addr: SocketAddr) -> String {
-    let mut s = lab
-        .netns("x", "outside")
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 fn node_ip(i: u8) -> Ipv4Addr {
@@ -331,12 +318,24 @@ fn services_end_to_end() {
                 .is_ok()
         });
     }
-    let h2 = http_get(&lab, SocketAddr::from((node_ip(2), 31090)));
+    let h2 = http_get(
+        &lab,
+        "x",
+        "outside",
+        SocketAddr::from((node_ip(2), 31090)),
+        "/",
+    );
     assert!(
         h2.starts_with("HTTP/1.1 200") && h2.contains("\"localEndpoints\":1"),
         "{h2}"
     );
-    let h1 = http_get(&lab, SocketAddr::from((node_ip(1), 31090)));
+    let h1 = http_get(
+        &lab,
+        "x",
+        "outside",
+        SocketAddr::from((node_ip(1), 31090)),
+        "/",
+    );
     assert!(
         h1.starts_with("HTTP/1.1 503") && h1.contains("\"localEndpoints\":0"),
         "{h1}"

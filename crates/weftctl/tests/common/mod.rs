@@ -177,6 +177,22 @@ pub fn echo_stream(
     echo(s)
 }
 
+/// `GET path` over HTTP/1.1 from inside a lab namespace; the whole answer (connection closed by the
+/// server or after 2 s).
+pub fn http_get(lab: &Lab, kind: &str, name: &str, addr: SocketAddr, path: &str) -> String {
+    let mut c = lab
+        .netns(kind, name)
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
 pub fn pod_ip(lab: &Lab, pod: &str) -> std::net::Ipv4Addr {
     let out = lab.ip(pod, &["-4", "-o", "addr", "show", "eth0"]);
     out.split_whitespace()
