@@ -123,6 +123,8 @@ impl HealthPorts {
 async fn serve_health(listener: tokio::net::TcpListener, port: u16, state: HealthState) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of file descriptors, say: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let state = state.clone();
@@ -235,9 +237,6 @@ pub async fn run<S: Store>(
             Ok(r) => {
                 health.services_ready.store(true, Ordering::Relaxed);
                 m.conntrack_deletes.inc_by(r.conntrack_deletes as u64);
-                if r.kind != SyncKind::Unchanged && r.kind != SyncKind::Repair {
-                    m.syncs.inc();
-                }
                 if r.kind == SyncKind::Full {
                     m.full_syncs.inc();
                 }
@@ -245,6 +244,7 @@ pub async fn run<S: Store>(
                     warn!("services: an incremental update failed ({e}); replaced the table");
                 }
                 if matches!(r.kind, SyncKind::Full | SyncKind::Incremental) {
+                    m.syncs.inc();
                     info!(
                         "services: {:?} sync, {} service port(s), {} bytes of nft, {:.1} ms, {} conntrack deletion(s)",
                         r.kind,
