@@ -4,8 +4,12 @@
 //!
 //! Restarts never disturb the datapath: nothing is flushed at start or exit; the first reconcile
 //! waits for the full peer list, then changes only what differs.
+//!
+//! What keeps a peer out of reach is logged, counted (`weft_peer_problems`) and published as
+//! Warning events (events.rs). `weftctl node leave` asks a running agent to leave by writing
+//! `/weft/leave/<node>`: the agent releases its lease, removes what it made and exits.
 
-use crate::backend::{self, reconcile::reconcile, BackendKind, Underlay};
+use crate::backend::{self, reconcile::reconcile, BackendKind, Problem, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::lease::{candidates, lease_key, Lease, LEASE_PREFIX};
@@ -15,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -252,13 +256,21 @@ pub async fn mirror<S: Store>(
     }
 }
 
+/// Where `weftctl node leave` asks a node's agent to leave.
+pub const LEAVE_PREFIX: &str = "/weft/leave/";
+
+pub fn leave_key(node: &str) -> String {
+    format!("{LEAVE_PREFIX}{node}")
+}
+
 /// Renews the lease every third of its TTL. If the store lost it (expired while the store or
 /// this agent was away), leases again, preferring the same subnet, and publishes the result.
+/// `lease_id` always holds the store lease in use.
 async fn keep_lease<S: Store>(
     store: Arc<S>,
     cfg: Config,
     underlay: Underlay,
-    mut lease_id: LeaseId,
+    lease_id: Arc<AtomicI64>,
     current: watch::Sender<Lease>,
     m: Metrics,
 ) {
@@ -269,13 +281,14 @@ async fn keep_lease<S: Store>(
     loop {
         tokio::time::sleep(next).await;
         next = every;
-        match store.keepalive(lease_id).await {
+        let id = lease_id.load(Ordering::Relaxed);
+        match store.keepalive(id).await {
             Ok(()) => {
                 m.lease_renewals.inc();
             }
             Err(StoreError::LeaseNotFound(_)) => {
                 m.lease_renew_errors.inc();
-                warn!("the store lost lease {lease_id}; leasing again");
+                warn!("the store lost lease {id}; leasing again");
                 let again = async {
                     let id = store
                         .grant(cfg.lease_ttl)
@@ -286,7 +299,7 @@ async fn keep_lease<S: Store>(
                 };
                 match again.await {
                     Ok((id, l)) => {
-                        lease_id = id;
+                        lease_id.store(id, Ordering::Relaxed);
                         if l.subnet != current.borrow().subnet {
                             error!(
                                 "this node's subnet changed to {} (the old one was taken)",
@@ -305,7 +318,7 @@ async fn keep_lease<S: Store>(
                 // The store is away; the lease (and the datapath) stay as they are.
                 m.lease_renew_errors.inc();
                 next = Duration::from_secs(1).min(every);
-                warn!("renewing lease {lease_id}: {e}");
+                warn!("renewing lease {id}: {e}");
             }
         }
     }
@@ -347,15 +360,16 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
 
     let (lease_tx, mut lease_rx) = watch::channel(lease);
-    tokio::spawn(keep_lease(
+    let lease_id = Arc::new(AtomicI64::new(lease_id));
+    let keeper = tokio::spawn(keep_lease(
         store.clone(),
         cfg.clone(),
         underlay.clone(),
-        lease_id,
+        lease_id.clone(),
         lease_tx,
         m.clone(),
     ));
-    tokio::spawn(crate::services::run(
+    let services = tokio::spawn(crate::services::run(
         store.clone(),
         cfg.clone(),
         lease_rx.clone(),
@@ -372,41 +386,74 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         changed.clone(),
         synced.clone(),
     ));
+    let leave_requests = Mirror::default();
+    tokio::spawn(mirror(
+        store.clone(),
+        LEAVE_PREFIX,
+        leave_requests.clone(),
+        changed.clone(),
+        Arc::new(Notify::new()),
+    ));
     // The first reconcile waits for the full list: reconciling from a partial view would delete
     // routes to peers not yet seen.
     synced.notified().await;
 
-    let mut last_problems: Vec<String> = Vec::new();
+    let mut last_problems: Vec<Problem> = Vec::new();
+    // The store lease the published events are attached to (None: publish again).
+    let mut published: Option<LeaseId> = None;
     let mut last_sysctl = Instant::now() - cfg.resync;
     loop {
-        let local = lease_rx.borrow_and_update().clone();
-        let peers: Vec<Lease> = view
+        if leave_requests
             .lock()
             .expect("not poisoned")
-            .values()
-            .filter_map(|v| serde_json::from_slice(v).ok())
-            .collect();
-        let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
-        if plan.problems != last_problems {
-            for p in &plan.problems {
-                warn!("{p}");
-            }
-            last_problems = plan.problems.clone();
+            .contains_key(&leave_key(&cfg.node_name))
+        {
+            info!("leaving, as `weftctl node leave` asked");
+            // Nothing may renew the lease or rewrite the table behind the leave.
+            keeper.abort();
+            services.abort();
+            let _ = keeper.await;
+            let _ = services.await;
+            leave(&cfg, &*store, &nl, &underlay).await?;
+            let _ = store.revoke(lease_id.load(Ordering::Relaxed)).await;
+            // Deleting the request tells `weftctl node leave` that the node is done.
+            store
+                .delete(&leave_key(&cfg.node_name))
+                .await
+                .map_err(|e| format!("deleting the leave request: {e}"))?;
+            return Ok(());
         }
+        let local = lease_rx.borrow_and_update().clone();
+        let (peers, own_key): (Vec<Lease>, bool) = {
+            let v = view.lock().expect("not poisoned");
+            let peers = v
+                .values()
+                .filter_map(|v| serde_json::from_slice(v).ok())
+                .collect();
+            (peers, v.contains_key(&lease_key(local.subnet)))
+        };
+        if !own_key {
+            // Deleted by hand (or expired, and the lease keeper is leasing again): without it the
+            // peers drop their routes to this node's pods. Level-triggered, so put it back.
+            restore_lease(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
+        }
+        let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
         m.peers
             .set(peers.iter().filter(|l| l.node != local.node).count() as i64);
-        m.peer_problems.set(plan.problems.len() as i64);
         let start = Instant::now();
         m.reconciles.inc();
+        let mut problems = plan.problems.clone();
         match reconcile(&nl, &plan, &underlay).await {
-            Ok(changes) => {
-                m.reconcile_changes.inc_by(changes as u64);
-                if changes > 0 {
+            Ok(done) => {
+                m.reconcile_changes.inc_by(done.changes as u64);
+                if done.changes > 0 {
                     info!(
-                        "reconciled: {changes} change(s), {} peer route(s)",
-                        plan.routes.len()
+                        "reconciled: {} change(s), {} peer route(s)",
+                        done.changes,
+                        plan.routes.len() - done.conflicts.len()
                     );
                 }
+                problems.extend(done.conflicts);
                 health.ready.store(true, Ordering::Relaxed);
             }
             Err(e) => {
@@ -415,6 +462,30 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             }
         }
         m.reconcile_seconds.observe(start.elapsed().as_secs_f64());
+        problems.sort();
+        m.peer_problems.set(problems.len() as i64);
+        if problems != last_problems {
+            for p in problems.iter().filter(|p| !last_problems.contains(p)) {
+                warn!("{p}");
+            }
+            last_problems = problems;
+            published = None;
+        }
+        let id = lease_id.load(Ordering::Relaxed);
+        if published != Some(id) {
+            // Bounded: a store that is away must not hold up the drift check.
+            let node = &cfg.node_name;
+            let sent = tokio::time::timeout(
+                Duration::from_secs(2),
+                crate::events::publish(&*store, node, id, &last_problems),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => published = Some(id),
+                Ok(Err(e)) => warn!("publishing events: {e}"),
+                Err(_) => warn!("publishing events: the store did not answer within 2 s"),
+            }
+        }
         if last_sysctl.elapsed() >= cfg.resync {
             last_sysctl = Instant::now();
             // Forwarding is part of the datapath the drift check keeps.
@@ -431,6 +502,20 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             }
             _ = tokio::time::sleep(cfg.resync) => {}
         }
+    }
+}
+
+/// Puts this node's lease record back where it was deleted. A compare-and-swap against absence:
+/// if another agent (or this one's lease keeper) wrote the key meanwhile, that write stands.
+async fn restore_lease<S: Store>(store: &S, local: &Lease, lease_id: LeaseId) {
+    let json = serde_json::to_vec(local).expect("serializable");
+    match store
+        .cas(&lease_key(local.subnet), 0, &json, Some(lease_id))
+        .await
+    {
+        Ok(Some(_)) => warn!("the lease record of {} was gone; put it back", local.subnet),
+        Ok(None) => {}
+        Err(e) => warn!("putting back the lease record of {}: {e}", local.subnet),
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod events;
 mod http;
 pub mod lease;
 mod services;

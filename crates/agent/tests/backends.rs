@@ -6,7 +6,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
-use weft_agent::backend::{self, reconcile::reconcile, BackendKind, Underlay};
+use weft_agent::backend::reconcile::{reconcile, Reconciled};
+use weft_agent::backend::{self, BackendKind, Underlay};
 use weft_agent::lease::Lease;
 use weft_net::{Netlink, Netns, ScratchNetns};
 
@@ -90,6 +91,12 @@ fn two_nodes(kind: BackendKind) -> (Node, Node) {
 }
 
 fn apply(kind: BackendKind, node: &Node, peers: &[Lease]) -> usize {
+    let done = reconcile_in(kind, node, peers);
+    assert_eq!(done.conflicts, vec![], "no foreign routes here");
+    done.changes
+}
+
+fn reconcile_in(kind: BackendKind, node: &Node, peers: &[Lease]) -> Reconciled {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -217,4 +224,70 @@ fn directrouting_on_one_segment_uses_routes_only() {
         tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).unwrap(),
         "pong"
     );
+}
+
+#[test]
+fn a_foreign_route_to_a_peer_subnet_is_left_alone_and_reported() {
+    let (n1, n2) = two_nodes(BackendKind::HostGw);
+    let leases = vec![n1.lease.clone(), n2.lease.clone()];
+    // Someone else's route to node2's pod subnet, e.g. a static route an operator added.
+    ip(
+        &n1.ns,
+        &[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            "10.100.0.2",
+            "proto",
+            "static",
+            "metric",
+            "50",
+        ],
+    );
+    let done = reconcile_in(BackendKind::HostGw, &n1, &leases);
+    assert_eq!(done.changes, 0);
+    assert_eq!(done.conflicts.len(), 1, "{:?}", done.conflicts);
+    let c = &done.conflicts[0];
+    assert_eq!((c.peer.as_str(), c.reason), ("node2", "RouteConflict"));
+    assert!(c.message.contains("10.244.2.0/24"), "{}", c.message);
+    let routes = ip(&n1.ns, &["route", "show", "10.244.2.0/24"]);
+    assert!(
+        routes.contains("proto static") && routes.contains("metric 50"),
+        "the foreign route is untouched: {routes}"
+    );
+    assert_eq!(ip(&n1.ns, &["route", "show", "proto", "202"]).trim(), "");
+    // Once its owner removes it, Weft's route goes in.
+    ip(
+        &n1.ns,
+        &["route", "del", "10.244.2.0/24", "proto", "static"],
+    );
+    let done = reconcile_in(BackendKind::HostGw, &n1, &leases);
+    assert_eq!(
+        done,
+        Reconciled {
+            changes: 1,
+            conflicts: vec![]
+        }
+    );
+    let ours = ip(&n1.ns, &["route", "show", "proto", "202"]);
+    assert!(ours.contains("10.244.2.0/24 via 10.100.0.2"), "{ours}");
+    // A foreign route added later makes Weft step aside rather than compete with it.
+    ip(
+        &n1.ns,
+        &[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            "10.100.0.2",
+            "proto",
+            "static",
+            "metric",
+            "50",
+        ],
+    );
+    let done = reconcile_in(BackendKind::HostGw, &n1, &leases);
+    assert_eq!((done.changes, done.conflicts.len()), (1, 1));
+    assert_eq!(ip(&n1.ns, &["route", "show", "proto", "202"]).trim(), "");
 }

@@ -1,6 +1,7 @@
-//! `weftctl`: the operator CLI: the lab, and what a node programs for Services.
+//! `weftctl`: the operator CLI: the lab, a node's leave, and what a node programs for Services.
 
 mod lab;
+mod node;
 mod services;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// A Weft cluster made of network namespaces on this machine.
     Lab(lab::LabArgs),
+    /// Take a node out of the cluster's network.
+    Node(node::NodeArgs),
     /// Services as this node programs them: frontends, endpoints, connection counters.
     Services(services::ServicesArgs),
 }
@@ -32,6 +35,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Node(args) => node::run(args),
         Command::Services(args) => services::run(args),
     };
     std::process::exit(code);

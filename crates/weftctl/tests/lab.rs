@@ -118,7 +118,14 @@ fn host_gw_names_peers_it_cannot_reach() {
         "host-gw",
         "--subnets",
         "2",
+        "--cluster-cidr",
+        "10.50.0.0/16",
     ]);
+    // The lab's --cluster-cidr reaches the agents.
+    for node in ["node1", "node2"] {
+        let subnet = lab.subnet(node);
+        assert!(subnet.starts_with("10.50."), "{node}: {subnet}");
+    }
     // node1 and node2 sit on different underlay subnets: no route is made (no black hole) and
     // the agent says why.
     // (node1's agent learns of node2 through its watch, so give it a moment.)
@@ -135,6 +142,127 @@ fn host_gw_names_peers_it_cannot_reach() {
     assert_eq!(
         lab.ip("node1", &["route", "show", "proto", "202"]).trim(),
         ""
+    );
+    // …counts it, and publishes a Warning event that `lab status` shows.
+    let metrics = http_get(
+        &lab,
+        "n",
+        "node1",
+        SocketAddr::from(([127, 0, 0, 1], 9967)),
+        "/metrics",
+    );
+    assert!(metrics.contains("weft_peer_problems 1"), "{metrics}");
+    wait_for(
+        "both agents' events in lab status",
+        Duration::from_secs(10),
+        || {
+            let status = lab.ok(&["status"]);
+            status.contains("WARNING node1 PeerNotOnLink: peer node2")
+                && status.contains("WARNING node2 PeerNotOnLink: peer node1")
+        },
+    );
+}
+
+/// `weftctl node leave`: a running agent leaves when asked (releases its lease, removes its routes
+/// and table, exits); for a node whose agent is dead, weftctl releases the lease itself. A node
+/// whose agent dies without leaving is dropped by its peers when its lease expires.
+#[test]
+fn node_leave_and_lease_expiry() {
+    let lab = Lab::new("lv");
+    lab.ok(&["up", "--nodes", "4", "--pods", "0", "--backend", "host-gw"]);
+    let store = lab.store_url();
+    let leave = |node: &str, timeout: &str| {
+        let out = lab.weftctl(&[
+            "node",
+            "leave",
+            node,
+            "--store",
+            &store,
+            "--timeout",
+            timeout,
+        ]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let dropped_by = |peers: &[&str], subnet: &str, limit: Duration, what: &str| {
+        for node in peers {
+            wait_for(&format!("{node} to drop {what}"), limit, || {
+                lab.ip(node, &["route", "show", subnet]).trim().is_empty()
+            });
+        }
+    };
+    let (s2, s3, s4) = (
+        lab.subnet("node2"),
+        lab.subnet("node3"),
+        lab.subnet("node4"),
+    );
+    assert!(lab
+        .ip("node1", &["route", "show", &s3])
+        .contains("proto 202"));
+
+    // A live agent, asked to leave.
+    let (ok, text) = leave("node3", "15");
+    assert!(
+        ok && text.contains("node node3 left"),
+        "{text}\n{}",
+        lab.logs()
+    );
+    dropped_by(
+        &["node1", "node2", "node4"],
+        &s3,
+        Duration::from_secs(5),
+        "node3",
+    );
+    wait_for("node3's agent to exit", Duration::from_secs(5), || {
+        lab.agent_pid("node3").is_none()
+    });
+    assert_eq!(
+        lab.ip("node3", &["route", "show", "proto", "202"]).trim(),
+        ""
+    );
+    let table = lab.run(&["exec", "node3", "--", "nft", "list", "table", "ip", "weft"]);
+    assert!(!table.status.success(), "node3's nft table is gone");
+    let env = lab.state_dir.join(&lab.name).join("node3/run/subnet.env");
+    assert!(!env.exists(), "node3's subnet.env is gone");
+    let (ok, text) = leave("node3", "2");
+    assert!(!ok && text.contains("node3 holds no lease"), "{text}");
+
+    // A dead agent: weftctl releases its lease after the timeout.
+    let pid4 = lab.agent_pid("node4").expect("node4's agent runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid4 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (ok, text) = leave("node4", "2");
+    assert!(
+        ok && text.contains("no agent on node4 answered") && text.contains(&s4),
+        "{text}"
+    );
+    dropped_by(&["node1", "node2"], &s4, Duration::from_secs(5), "node4");
+
+    // An agent that dies and never comes back: its lease expires (TTL 10 s in the lab) and the
+    // peers drop it.
+    let pid2 = lab.agent_pid("node2").expect("node2's agent runs");
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid2 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    dropped_by(
+        &["node1"],
+        &s2,
+        Duration::from_secs(20),
+        "node2's expired lease",
+    );
+    eprintln!(
+        "node1 dropped node2 {:?} after its agent died",
+        killed.elapsed()
     );
 }
 
@@ -168,8 +296,37 @@ fn restart_drift_and_leave() {
     let routes_before = lab.ip("node1", &["route", "show", "proto", "202"]);
 
     // kill -9 both ends' agents and start them again while the stream runs.
+    let old_pid = lab.agent_pid("node1");
     lab.ok(&["node", "restart", "node1", "--kill"]);
     lab.ok(&["node", "restart", "node2", "--kill"]);
+    assert_ne!(lab.agent_pid("node1"), old_pid);
+    // The new agents are ready (their first reconcile is done) and found nothing to change.
+    for node in ["node1", "node2"] {
+        let get = |path: &str| {
+            try_http_get(
+                &lab,
+                "n",
+                node,
+                SocketAddr::from(([127, 0, 0, 1], 9967)),
+                path,
+            )
+            .unwrap_or_default()
+        };
+        wait_for(
+            &format!("{node}'s new agent to be ready"),
+            Duration::from_secs(10),
+            || {
+                assert!(stream(), "the stream must survive agent restarts");
+                get("/readyz").starts_with("HTTP/1.1 200")
+            },
+        );
+        let metrics = get("/metrics");
+        assert!(
+            metrics.contains("weft_reconciles_total")
+                && metrics.contains("weft_reconcile_changes_total 0"),
+            "{node}'s restarted agent changed nothing: {metrics}"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(4);
     while Instant::now() < deadline {
         assert!(stream(), "the stream must survive agent restarts");
@@ -197,6 +354,49 @@ fn restart_drift_and_leave() {
         },
     );
     eprintln!("route restored after {took:?}");
+    // So are the neighbour and FDB entry of a peer's VTEP.
+    let vtep2 = s2.split('/').next().unwrap().to_string();
+    lab.ip("node1", &["neigh", "del", &vtep2, "dev", "weft.vxlan"]);
+    let fdb = |node: &str| {
+        lab.ok(&[
+            "exec",
+            node,
+            "--",
+            "bridge",
+            "fdb",
+            "show",
+            "dev",
+            "weft.vxlan",
+        ])
+    };
+    let mac2 = fdb("node1")
+        .lines()
+        .find(|l| l.contains("dst 10.100.0.12"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("node2's FDB entry on node1")
+        .to_string();
+    lab.ok(&[
+        "exec",
+        "node1",
+        "--",
+        "bridge",
+        "fdb",
+        "del",
+        &mac2,
+        "dev",
+        "weft.vxlan",
+        "dst",
+        "10.100.0.12",
+    ]);
+    wait_for(
+        "the drift check to restore the neighbour and FDB entry",
+        Duration::from_secs(12),
+        || {
+            lab.ip("node1", &["neigh", "show", "dev", "weft.vxlan"])
+                .contains(&vtep2)
+                && fdb("node1").contains(&mac2)
+        },
+    );
 
     // node3 leaves: its subnet, route, neighbour and FDB entry vanish on the others within 5 s.
     let s3 = lab.subnet("node3");
@@ -217,6 +417,7 @@ fn restart_drift_and_leave() {
                     && !lab
                         .ip(node, &["neigh", "show", "dev", "weft.vxlan"])
                         .contains(&vtep3)
+                    && !fdb(node).contains("dst 10.100.0.13")
             },
         );
     }
@@ -230,6 +431,10 @@ fn restart_drift_and_leave() {
         "",
         "node3 removed its own routes"
     );
+    let links = lab.ip("node3", &["-o", "link", "show"]);
+    assert!(!links.contains("weft.vxlan"), "{links}");
+    let table = lab.run(&["exec", "node3", "--", "nft", "list", "table", "ip", "weft"]);
+    assert!(!table.status.success(), "node3's nft table is gone");
 }
 
 #[test]
@@ -282,9 +487,11 @@ fn etcd_outage_keeps_the_datapath_and_the_agents_catch_up() {
         );
     }
     assert!(stream(), "the stream outlived the outage");
-    // The survivors' leases outlived it too (etcd restores leases on restart).
-    assert!(!lab.subnet("node1").is_empty());
+    // The survivors' leases outlived it too (etcd renews leases when it starts again).
     let log =
         std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
-    assert!(!log.contains("this node's subnet changed"), "{log}");
+    assert!(
+        !log.contains("the store lost lease") && !log.contains("this node's subnet changed"),
+        "{log}"
+    );
 }

@@ -96,6 +96,8 @@ pub enum Via {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerRoute {
+    /// The peer node whose pods the route reaches.
+    pub peer: String,
     pub dst: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub via: Via,
@@ -111,8 +113,26 @@ pub struct Plan {
     pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
     /// Permanent FDB entries on the VXLAN device: VTEP MAC → peer underlay IP.
     pub fdb: Vec<([u8; 6], Ipv4Addr)>,
-    /// Peers that cannot be reached with this backend, in words for logs and events.
-    pub problems: Vec<String>,
+    /// Peers that cannot be reached with this backend: logged, counted and published as events.
+    pub problems: Vec<Problem>,
+}
+
+/// Why a peer's pods are not reachable from this node. Published as a Kubernetes Warning event
+/// (events.rs) while it lasts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The peer node it concerns.
+    pub peer: String,
+    /// A Kubernetes event reason: `PeerNotOnLink`, `PeerSubnetMismatch` or `RouteConflict`.
+    pub reason: &'static str,
+    /// The whole story, for an operator: what, why, and what to do.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,11 +167,15 @@ pub fn plan(
             || l.subnet.contains(&local.subnet)
             || local.subnet.contains(&l.subnet)
         {
-            p.problems.push(format!(
-                "peer {} leases {}, which is outside the cluster CIDR {cluster} or overlaps this \
-                 node's {}: ignored",
-                l.node, l.subnet, local.subnet
-            ));
+            p.problems.push(Problem {
+                peer: l.node.clone(),
+                reason: "PeerSubnetMismatch",
+                message: format!(
+                    "peer {} leases {}, which is outside the cluster CIDR {cluster} or overlaps \
+                     this node's {}: ignored",
+                    l.node, l.subnet, local.subnet
+                ),
+            });
             continue;
         }
         reachable.push(l);
@@ -163,11 +187,15 @@ pub fn plan(
         let via = match kind {
             BackendKind::HostGw if adjacent => Via::Underlay,
             BackendKind::HostGw => {
-                p.problems.push(format!(
-                    "peer {} ({}) is not on the underlay subnet {} of {}: host-gw cannot reach \
-                     its pods {}; use the vxlan or directrouting backend",
-                    peer.node, peer.underlay_ip, underlay.net, underlay.name, peer.subnet
-                ));
+                p.problems.push(Problem {
+                    peer: peer.node.clone(),
+                    reason: "PeerNotOnLink",
+                    message: format!(
+                        "peer {} ({}) is not on the underlay subnet {} of {}: host-gw cannot \
+                         reach its pods {}; use the vxlan or directrouting backend",
+                        peer.node, peer.underlay_ip, underlay.net, underlay.name, peer.subnet
+                    ),
+                });
                 continue;
             }
             BackendKind::DirectRouting if adjacent => Via::Underlay,
@@ -175,6 +203,7 @@ pub fn plan(
         };
         match via {
             Via::Underlay => p.routes.push(PeerRoute {
+                peer: peer.node.clone(),
                 dst: peer.subnet,
                 gateway: peer.underlay_ip,
                 via,
@@ -182,6 +211,7 @@ pub fn plan(
             Via::Vxlan => {
                 let mac = vtep_mac(peer.subnet);
                 p.routes.push(PeerRoute {
+                    peer: peer.node.clone(),
                     dst: peer.subnet,
                     gateway: vtep_ip(peer.subnet),
                     via,
@@ -223,7 +253,11 @@ mod tests {
         let p = plan(BackendKind::HostGw, cidr(), &local, &underlay(), &peers);
         assert_eq!(p.routes.len(), 1);
         assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
-        assert!(p.problems[0].contains("stray") && p.problems[1].contains("overlap"));
+        assert_eq!(
+            (p.problems[0].peer.as_str(), p.problems[0].reason),
+            ("stray", "PeerSubnetMismatch")
+        );
+        assert!(p.problems[1].message.contains("overlap"));
     }
 
     fn underlay() -> Underlay {
@@ -251,6 +285,7 @@ mod tests {
         assert_eq!(
             p.routes,
             vec![PeerRoute {
+                peer: "node2".into(),
                 dst: "10.244.2.0/24".parse().unwrap(),
                 gateway: "10.100.0.2".parse().unwrap(),
                 via: Via::Underlay
@@ -258,7 +293,10 @@ mod tests {
         );
         assert!(p.vxlan.is_none() && p.fdb.is_empty());
         assert_eq!(p.problems.len(), 1);
-        assert!(p.problems[0].contains("node3") && p.problems[0].contains("10.101.0.3"));
+        assert_eq!(p.problems[0].reason, "PeerNotOnLink");
+        assert!(
+            p.problems[0].message.contains("node3") && p.problems[0].message.contains("10.101.0.3")
+        );
     }
 
     #[test]

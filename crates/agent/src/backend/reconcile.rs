@@ -1,16 +1,32 @@
 //! Reconciling a backend `Plan` with the kernel: read what is there, change only the difference.
 //! Never flushes: a restarted agent finds its routes, neighbours and FDB entries in place and
-//! leaves them alone, so established traffic is not disturbed.
+//! leaves them alone, so established traffic is not disturbed. Never touches a route that is not
+//! Weft's (protocol `PEER_ROUTE_PROTOCOL`): a foreign route to a peer's subnet is reported as a
+//! conflict and left in place.
 
-use super::{Plan, Underlay, Via, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI};
+use super::{Plan, Problem, Underlay, Via, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI};
 use ipnet::Ipv4Net;
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use weft_net::{Error, Netlink, RouteSpec, VxlanSpec, PEER_ROUTE_PROTOCOL};
 
-/// Applies `plan`; returns how many kernel objects it changed (0 when all was in place).
-pub async fn reconcile(nl: &Netlink, plan: &Plan, underlay: &Underlay) -> Result<usize, Error> {
+/// What a reconcile pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Kernel objects changed (0 when all was in place).
+    pub changes: usize,
+    /// Peers whose route was not installed because a route that is not Weft's holds the same
+    /// destination in the main table.
+    pub conflicts: Vec<Problem>,
+}
+
+/// Applies `plan`.
+pub async fn reconcile(
+    nl: &Netlink,
+    plan: &Plan,
+    underlay: &Underlay,
+) -> Result<Reconciled, Error> {
     let mut changes = 0;
+    let mut conflicts = Vec::new();
     let vxlan_index = match &plan.vxlan {
         Some(v) => {
             let existing = nl.link(VXLAN_DEVICE).await?;
@@ -61,20 +77,39 @@ pub async fn reconcile(nl: &Netlink, plan: &Plan, underlay: &Underlay) -> Result
         }
     };
 
-    let desired: BTreeSet<(Ipv4Net, Ipv4Addr, u32, bool)> = plan
-        .routes
-        .iter()
-        .filter_map(|r| match r.via {
-            Via::Underlay => Some((r.dst, r.gateway, underlay.index, false)),
-            Via::Vxlan => vxlan_index.map(|i| (r.dst, r.gateway, i, true)),
-        })
-        .collect();
-    let actual: Vec<RouteSpec> = nl
+    let (actual, foreign): (Vec<RouteSpec>, Vec<RouteSpec>) = nl
         .routes()
         .await?
         .into_iter()
-        .filter(|r| r.protocol == PEER_ROUTE_PROTOCOL)
-        .collect();
+        .partition(|r| r.protocol == PEER_ROUTE_PROTOCOL);
+    // (destination, gateway, interface, onlink) of every route to install.
+    let mut desired: Vec<(Ipv4Net, Ipv4Addr, u32, bool)> = Vec::new();
+    for r in &plan.routes {
+        let want = match r.via {
+            Via::Underlay => (r.dst, r.gateway, underlay.index, false),
+            Via::Vxlan => match vxlan_index {
+                Some(i) => (r.dst, r.gateway, i, true),
+                None => continue,
+            },
+        };
+        if let Some(f) = foreign.iter().find(|f| f.dst == r.dst) {
+            conflicts.push(Problem {
+                peer: r.peer.clone(),
+                reason: "RouteConflict",
+                message: format!(
+                    "a route to {} that is not Weft's (protocol {}{}) is in the main table: \
+                     left alone, so peer {}'s pods are not reached through Weft until it is \
+                     removed",
+                    r.dst,
+                    f.protocol,
+                    f.gateway.map(|g| format!(", via {g}")).unwrap_or_default(),
+                    r.peer
+                ),
+            });
+            continue;
+        }
+        desired.push(want);
+    }
     let key = |r: &RouteSpec| {
         (
             r.dst,
@@ -132,5 +167,5 @@ pub async fn reconcile(nl: &Netlink, plan: &Plan, underlay: &Underlay) -> Result
             }
         }
     }
-    Ok(changes)
+    Ok(Reconciled { changes, conflicts })
 }

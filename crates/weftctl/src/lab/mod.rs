@@ -332,6 +332,7 @@ impl Lab {
             store: a.store.clone(),
             mode: a.mode.clone(),
             subnets: a.subnets,
+            cluster_cidr: Some(a.cluster_cidr.to_string()),
             fabric_netns: self.netns_name("x", "fabric"),
             outside_netns: self.netns_name("x", "outside"),
             nodes: Vec::new(),
@@ -559,6 +560,7 @@ impl Lab {
             "5",
         ])
         .args(["--mode", &s.mode, "--listen", "127.0.0.1:9967"])
+        .args(s.cluster_cidr.iter().flat_map(|c| ["--cluster-cidr", c]))
         .arg("--run-dir")
         .arg(node.dir.join("run"))
         .arg("--state-dir")
@@ -826,6 +828,30 @@ impl Lab {
         println!("{:<10} {:<8} {:<14}", "POD", "NODE", "IP");
         for p in &s.pods {
             println!("{:<10} {:<8} {:<14}", p.name, p.node, p.ip.to_string());
+        }
+        // What the agents report as keeping a peer out of reach (events.rs in weftd).
+        println!();
+        match objects::session(&s, |db| db.list(weft_agent::events::EVENT_PREFIX)) {
+            Ok(events) => {
+                let warnings: Vec<(String, String, String)> = events
+                    .iter()
+                    .filter_map(|(_, v)| {
+                        let e: serde_json::Value = serde_json::from_slice(v).ok()?;
+                        let text = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+                        (e["source"]["component"] == "weftd").then(|| {
+                            let node = e["involvedObject"]["name"].as_str().unwrap_or("-");
+                            (node.to_string(), text("reason"), text("message"))
+                        })
+                    })
+                    .collect();
+                if warnings.is_empty() {
+                    println!("no warnings from the agents");
+                }
+                for (node, reason, message) in warnings {
+                    println!("WARNING {node} {reason}: {message}");
+                }
+            }
+            Err(e) => println!("agents' events not read: {e}"),
         }
         Ok(0)
     }

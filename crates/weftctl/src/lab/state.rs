@@ -11,6 +11,9 @@ pub struct LabState {
     pub store: String,
     pub mode: String,
     pub subnets: u8,
+    /// The cluster's pod CIDR the agents are given.
+    #[serde(default)]
+    pub cluster_cidr: Option<String>,
     pub fabric_netns: String,
     pub outside_netns: String,
     pub nodes: Vec<NodeState>,

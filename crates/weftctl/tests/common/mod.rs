@@ -98,6 +98,35 @@ impl Lab {
         self.ok(&a)
     }
 
+    /// `weftctl ARGS` (not `weftctl lab`), e.g. `node leave` against the lab's store.
+    pub fn weftctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_weftctl"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The lab's store, as its agents' --store (a SQLite lab).
+    pub fn store_url(&self) -> String {
+        format!(
+            "sqlite://{}",
+            self.state_dir.join(&self.name).join("store.db").display()
+        )
+    }
+
+    /// The node's agent pid as `lab status` shows it, if that process is alive.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        let status = self.ok(&["status"]);
+        let line = status
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(node))?;
+        line.split_whitespace()
+            .nth(4)?
+            .parse()
+            .ok()
+            .filter(|_| !line.contains("(gone)"))
+    }
+
     pub fn subnet(&self, node: &str) -> String {
         let env = std::fs::read_to_string(
             self.state_dir
@@ -180,17 +209,26 @@ pub fn echo_stream(
 /// `GET path` over HTTP/1.1 from inside a lab namespace; the whole answer (connection closed by the
 /// server or after 2 s).
 pub fn http_get(lab: &Lab, kind: &str, name: &str, addr: SocketAddr, path: &str) -> String {
+    try_http_get(lab, kind, name, addr, path).unwrap()
+}
+
+/// `http_get`, for a server that may not be listening yet.
+pub fn try_http_get(
+    lab: &Lab,
+    kind: &str,
+    name: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<String> {
     let mut c = lab
         .netns(kind, name)
         .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
+        .unwrap()?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     let _ = c.read_to_string(&mut out);
-    out
+    Ok(out)
 }
 
 pub fn pod_ip(lab: &Lab, pod: &str) -> std::net::Ipv4Addr {
