@@ -89,6 +89,20 @@ pub struct Config {
     pub leave: bool,
 }
 
+/// The config file's flags. Each key is checked alone first, so that an error names the key and
+/// its value (serde's own message for a whole object gives only a line and column).
+fn parse_file(text: &[u8]) -> Result<Flags, String> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(text).map_err(|e| format!("not a JSON object: {e}"))?;
+    for (key, value) in &map {
+        let one = serde_json::Value::Object([(key.clone(), value.clone())].into_iter().collect());
+        if let Err(e) = serde_json::from_value::<Flags>(one) {
+            return Err(format!("{key}: {value}: {e}"));
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
+}
+
 impl Flags {
     /// Fills what the command line left out from the file, then from the defaults, and checks
     /// the result. Errors name the flag and the value.
@@ -96,8 +110,8 @@ impl Flags {
         if let Some(path) = &self.config {
             let text =
                 std::fs::read(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
-            let file: Flags = serde_json::from_slice(&text)
-                .map_err(|e| format!("--config {}: {e}", path.display()))?;
+            let file =
+                parse_file(&text).map_err(|e| format!("--config {}: {e}", path.display()))?;
             macro_rules! fill {
                 ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
             }
@@ -172,15 +186,20 @@ impl Flags {
         if !(1..=3600).contains(&resync) {
             return Err(format!("--resync: {resync} is not in 1..3600 seconds"));
         }
-        let service_cidr = self
+        let given = self
             .service_cidr
-            .unwrap_or("10.96.0.0/12".parse().expect("literal"))
-            .trunc();
+            .unwrap_or("10.96.0.0/12".parse().expect("literal"));
+        let service_cidr = given.trunc();
         if service_cidr.contains(&cluster_cidr.network())
             || cluster_cidr.contains(&service_cidr.network())
         {
+            let network = if given == service_cidr {
+                String::new()
+            } else {
+                format!(" (network {service_cidr})")
+            };
             return Err(format!(
-                "--service-cidr: {service_cidr} overlaps the cluster CIDR {cluster_cidr}"
+                "--service-cidr: {given}{network} overlaps the cluster CIDR {cluster_cidr}"
             ));
         }
         let services_repair = self.services_repair.unwrap_or(60);
@@ -231,19 +250,19 @@ mod tests {
 
     #[test]
     fn errors_name_flag_and_value() {
-        for (args, needle) in [
-            (vec!["--backend", "ipsec"], "ipsec"),
-            (vec!["--subnet-len", "8"], "--subnet-len"),
-            (vec!["--mode", "tunnel"], "tunnel"),
-            (vec!["--store", "mysql://x"], "mysql://x"),
-            (vec!["--lease-ttl", "1"], "--lease-ttl"),
-            (vec!["--service-cidr", "10.244.0.0/12"], "--service-cidr"),
-            (vec!["--services-repair", "0"], "--services-repair"),
+        for args in [
+            ["--backend", "ipsec"],
+            ["--subnet-len", "8"],
+            ["--mode", "tunnel"],
+            ["--store", "mysql://x"],
+            ["--lease-ttl", "1"],
+            ["--service-cidr", "10.244.0.0/12"],
+            ["--services-repair", "0"],
         ] {
             let mut a = vec!["--node-name", "n1"];
             a.extend(args);
             let e = flags(&a).resolve().unwrap_err();
-            assert!(e.contains(needle), "{e}");
+            assert!(e.contains(args[0]) && e.contains(args[1]), "{e}");
         }
     }
 
@@ -264,11 +283,28 @@ mod tests {
             (c.node_name.as_str(), c.backend, c.subnet_len),
             ("from-file", BackendKind::HostGw, 25)
         );
-        std::fs::write(&f, r#"{"nodeNmae": "typo"}"#).unwrap();
-        let e = flags(&["--config", f.to_str().unwrap()])
-            .resolve()
-            .unwrap_err();
-        assert!(e.contains("nodeNmae"), "{e}");
+        for (text, needles) in [
+            (
+                r#"{"nodeNmae": "typo"}"#,
+                &["nodeNmae", "unknown field"][..],
+            ),
+            (r#"{"subnetLen": "24"}"#, &["subnetLen", "\"24\""]),
+            (
+                r#"{"clusterCidr": "10.244.0.0"}"#,
+                &["clusterCidr", "10.244.0.0"],
+            ),
+            (r#"{"leaseTtl": -5}"#, &["leaseTtl", "-5"]),
+            (r#"["vxlan"]"#, &["not a JSON object"]),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = flags(&["--config", f.to_str().unwrap()])
+                .resolve()
+                .unwrap_err();
+            assert!(e.contains("--config"), "{e}");
+            for n in needles {
+                assert!(e.contains(n), "{text}: {e} lacks {n}");
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -123,6 +123,7 @@ pub async fn acquire<S: Store>(
     };
     for _attempt in 0..10 {
         let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
+        let kvs_keys: Vec<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
         let leases: Vec<(weft_store::KeyValue, Lease)> = kvs
             .into_iter()
             .filter_map(|kv| serde_json::from_slice(&kv.value).ok().map(|l| (kv, l)))
@@ -143,7 +144,8 @@ pub async fn acquire<S: Store>(
                 Err(e) => return Err(e.to_string()),
             }
         }
-        let taken: Vec<_> = leases.iter().map(|(_, l)| l.subnet).collect();
+        // Taken means a key exists, even one whose record does not parse: it cannot be created.
+        let taken: std::collections::HashSet<&str> = kvs_keys.iter().map(String::as_str).collect();
         let mut raced = false;
         for subnet in candidates(
             cfg.cluster_cidr,
@@ -151,7 +153,7 @@ pub async fn acquire<S: Store>(
             &cfg.node_name,
             previous_subnet(cfg),
         ) {
-            if taken.contains(&subnet) {
+            if taken.contains(lease_key(subnet).as_str()) {
                 continue;
             }
             let lease = mine(subnet);
@@ -194,10 +196,15 @@ fn write_subnet_env(cfg: &Config, lease: &Lease, underlay: &Underlay) -> Result<
     let path = cfg.run_dir.join(weft_plugin::config::SUBNET_FILE);
     env.write(&path)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    // Write-then-rename: a torn file would lose the subnet to take back after a restart.
+    remember_subnet(cfg, lease.subnet)
+}
+
+/// Keeps the node's subnet in `<state-dir>/subnet`, to ask for it again if the lease expires
+/// while the agent is away. Write-then-rename: a torn file would lose it.
+pub fn remember_subnet(cfg: &Config, subnet: ipnet::Ipv4Net) -> Result<(), String> {
     let tmp = cfg.state_dir.join(".subnet.tmp");
     std::fs::create_dir_all(&cfg.state_dir)
-        .and_then(|()| std::fs::write(&tmp, format!("{}\n", lease.subnet)))
+        .and_then(|()| std::fs::write(&tmp, format!("{subnet}\n")))
         .and_then(|()| std::fs::rename(&tmp, state_file(cfg)))
         .map_err(|e| format!("writing {}: {e}", state_file(cfg).display()))
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_agent::backend::Underlay;
 use weft_agent::config::Flags;
-use weft_agent::daemon::acquire;
+use weft_agent::daemon::{acquire, remember_subnet};
+use weft_agent::lease::{candidates, lease_key};
 use weft_store::{SqliteStore, Store};
 
 struct TempDir(std::path::PathBuf);
@@ -56,13 +57,28 @@ async fn twenty_racing_agents_never_share_a_subnet() {
     let d = tmp("race");
     let db = d.0.join("store.db");
     let mut tasks = Vec::new();
-    for i in 0..20u8 {
+    // All 20 ask at once, and all have one of two first choices in a /19 (32 subnets): most
+    // compare-and-swaps lose, and those agents must move on to other subnets.
+    let cidr = "10.244.0.0/19".parse().unwrap();
+    let first = |n: &str| candidates(cidr, 24, n, None)[0];
+    let (a, b) = (first("node0"), first("node1"));
+    let names: Vec<String> = (0..100_000)
+        .map(|k| format!("node{k}"))
+        .filter(|n| first(n) == a || first(n) == b)
+        .take(20)
+        .collect();
+    assert_eq!(names.len(), 20);
+    let start = Arc::new(tokio::sync::Barrier::new(20));
+    for (i, name) in names.into_iter().enumerate() {
         let db = db.clone();
         let dir = d.0.clone();
+        let start = start.clone();
+        let i = i as u8;
         tasks.push(tokio::spawn(async move {
             let store = SqliteStore::open(&db).await.unwrap();
-            let cfg = config(&dir, &format!("node{i}"));
+            let cfg = config(&dir, &name);
             let id = store.grant(Duration::from_secs(30)).await.unwrap();
+            start.wait().await;
             acquire(&store, &cfg, &underlay(i + 10), id).await
         }));
     }
@@ -93,7 +109,17 @@ async fn a_restarted_agent_gets_its_subnet_back() {
     let d = tmp("restart");
     let store = Arc::new(SqliteStore::open(d.0.join("store.db")).await.unwrap());
     let cfg = config(&d.0, "node-a");
+    // Something holds node-a's first choice while node-a starts (a record that does not even
+    // parse: it is skipped, not raced for), so node-a's subnet is not the one it would pick from
+    // scratch: only the state file can bring it back later.
+    let first_choice = candidates(cfg.cluster_cidr, cfg.subnet_len, "node-a", None)[0];
+    let blocker = store
+        .put(&lease_key(first_choice), b"{}", None)
+        .await
+        .unwrap();
     let first = lease_30s(&store, &cfg, 1).await;
+    assert_ne!(first.subnet, first_choice);
+    assert!(store.cad(&lease_key(first_choice), blocker).await.unwrap());
     // Another node takes a subnet meanwhile.
     let other = config(&d.0, "node-b");
     let b = lease_30s(&store, &other, 2).await;
@@ -108,8 +134,7 @@ async fn a_restarted_agent_gets_its_subnet_back() {
     let short = store.grant(Duration::from_secs(1)).await.unwrap();
     let held = acquire(&*store, &cfg, &underlay(1), short).await.unwrap();
     assert_eq!(held.subnet, first.subnet);
-    std::fs::create_dir_all(&cfg.state_dir).unwrap();
-    std::fs::write(cfg.state_dir.join("subnet"), format!("{}\n", first.subnet)).unwrap();
+    remember_subnet(&cfg, first.subnet).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let (kvs, _) = store.list(weft_agent::lease::LEASE_PREFIX).await.unwrap();
@@ -124,4 +149,21 @@ async fn a_restarted_agent_gets_its_subnet_back() {
     }
     let back = lease_30s(&store, &cfg, 1).await;
     assert_eq!(back.subnet, first.subnet);
+    // Without the state file it would have taken its free first choice.
+    let mut fresh = config(&d.0, "node-a-without-state");
+    fresh.node_name = "node-a".into();
+    store
+        .cad(
+            &lease_key(back.subnet),
+            store
+                .get(&lease_key(back.subnet))
+                .await
+                .unwrap()
+                .unwrap()
+                .mod_revision,
+        )
+        .await
+        .unwrap();
+    let scratch = lease_30s(&store, &fresh, 1).await;
+    assert_eq!(scratch.subnet, first_choice);
 }

@@ -1,0 +1,189 @@
+//! Twenty real `weftd` processes, each in a namespace of its own, start together on one SQLite
+//! file: SQLite's locking between processes (not just between handles of one process) keeps
+//! every subnet to one node, and each agent finds its underlay by the default route.
+
+use std::collections::HashSet;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use weft_agent::lease::{candidates, Lease, LEASE_PREFIX};
+use weft_net::ScratchNetns;
+use weft_store::{SqliteStore, Store};
+
+const PREFIX: &str = "wtest-procs-";
+const AGENTS: u8 = 20;
+
+fn ip(ns: &ScratchNetns, args: &[&str]) {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(&ns.name)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The agents, killed and reaped however the test ends; then their namespaces and files go.
+struct Agents {
+    children: Vec<Child>,
+    namespaces: Vec<ScratchNetns>,
+    dir: PathBuf,
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.namespaces.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn twenty_agent_processes_share_one_sqlite_file() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: creates network namespaces"
+    );
+    ScratchNetns::sweep(PREFIX);
+    let dir = std::env::temp_dir().join(format!("weft-procs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut agents = Agents {
+        children: Vec::new(),
+        namespaces: Vec::new(),
+        dir: dir.clone(),
+    };
+    let db = dir.join("store.db");
+    // Names whose first-choice subnets collide (two first choices for all twenty), so that the
+    // processes race for the same keys.
+    let cidr = "10.244.0.0/19".parse().unwrap();
+    let first = |n: &str| candidates(cidr, 24, n, None)[0];
+    let (a, b) = (first("node0"), first("node1"));
+    let names: Vec<String> = (0..100_000)
+        .map(|k| format!("node{k}"))
+        .filter(|n| first(n) == a || first(n) == b)
+        .take(AGENTS as usize)
+        .collect();
+    for i in 0..AGENTS {
+        let ns = ScratchNetns::new(PREFIX, &format!("n{i}")).unwrap();
+        ip(&ns, &["link", "set", "lo", "up"]);
+        ip(
+            &ns,
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+            ],
+        );
+        ip(
+            &ns,
+            &[
+                "addr",
+                "add",
+                &format!("10.100.0.{}/24", 10 + i),
+                "dev",
+                "eth0",
+            ],
+        );
+        ip(&ns, &["link", "set", "eth0", "up"]);
+        ip(&ns, &["link", "set", "eth1", "up"]);
+        ip(&ns, &["route", "add", "default", "via", "10.100.0.1"]);
+        agents.namespaces.push(ns);
+    }
+    // All namespaces first, then every agent as fast as processes start, without --iface.
+    for (i, ns) in agents.namespaces.iter().enumerate() {
+        let node = dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&node).unwrap();
+        let log = std::fs::File::create(node.join("weftd.log")).unwrap();
+        let file = std::fs::File::open(ns.path()).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftd"));
+        cmd.args(["--node-name", &names[i], "--backend", "host-gw"])
+            .arg("--store")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(["--cluster-cidr", "10.244.0.0/19", "--lease-ttl", "10"])
+            .arg("--run-dir")
+            .arg(node.join("run"))
+            .arg("--state-dir")
+            .arg(node.join("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: setns(2) only, in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        agents.children.push(cmd.spawn().unwrap());
+    }
+    let logs = |agents: &Agents| {
+        (0..AGENTS)
+            .map(|i| {
+                let p = agents.dir.join(format!("node{i}/weftd.log"));
+                format!(
+                    "--- node{i}\n{}",
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..AGENTS).any(|i| !dir.join(format!("node{i}/run/subnet.env")).exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "not every agent wrote subnet.env within 30 s\n{}",
+            logs(&agents)
+        );
+        for c in &mut agents.children {
+            assert!(
+                c.try_wait().unwrap().is_none(),
+                "an agent exited\n{}",
+                logs(&agents)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let leases: Vec<Lease> = rt.block_on(async {
+        let store = SqliteStore::open(&db).await.unwrap();
+        let (kvs, _) = store.list(LEASE_PREFIX).await.unwrap();
+        kvs.iter()
+            .map(|kv| serde_json::from_slice(&kv.value).unwrap())
+            .collect()
+    });
+    assert_eq!(leases.len(), AGENTS as usize, "{leases:?}");
+    let subnets: HashSet<_> = leases.iter().map(|l| l.subnet).collect();
+    assert_eq!(
+        subnets.len(),
+        AGENTS as usize,
+        "a subnet given twice: {leases:?}"
+    );
+    for i in 0..AGENTS {
+        let l = leases
+            .iter()
+            .find(|l| l.node == names[i as usize])
+            .unwrap_or_else(|| panic!("{} holds no lease: {leases:?}", names[i as usize]));
+        assert_eq!(
+            l.underlay_ip.to_string(),
+            format!("10.100.0.{}", 10 + i),
+            "node{i} found its underlay by the default route"
+        );
+        let env = std::fs::read_to_string(dir.join(format!("node{i}/run/subnet.env"))).unwrap();
+        assert!(env.contains(&format!("WEFT_SUBNET={}", l.subnet)), "{env}");
+    }
+    // No agent hit an error on the way (a busy database, a lost race it could not recover from).
+    let all = logs(&agents);
+    assert!(!all.contains("ERROR"), "{all}");
+}
