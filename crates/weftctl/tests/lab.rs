@@ -25,6 +25,13 @@ fn all_connect(backend: &str, extra: &[&str], tag: &str) {
         matrix.contains("36 passed, 0 failed"),
         "6 pods × (5 pods + outside):\n{matrix}"
     );
+    // The responders answer on TCP and UDP, ports 80 and 81, across nodes.
+    let far = pod_ip(&lab, "n3p2");
+    for port in [80, 81] {
+        let addr = SocketAddr::from((far, port));
+        assert_eq!(ask(&lab, "p", "n1p1", addr).unwrap(), "n3p2", "TCP {port}");
+        assert_eq!(ask_udp(&lab, "n1p1", addr).unwrap(), "n3p2", "UDP {port}");
+    }
 
     // A pod without its default route answers no one: check says so and fails.
     lab.ip("n1p1", &["route", "del", "default"]);

@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -51,17 +50,6 @@ fn slice(
 }
 
 /// Connects from inside the namespace and reads the answer.
-fn ask(lab: &Lab, kind: &str, from: &str, addr: SocketAddr) -> std::io::Result<String> {
-    let mut s = lab
-        .netns(kind, from)
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
-        .unwrap()?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out.trim().to_string())
-}
-
 fn answers(lab: &Lab, from: &str, addr: SocketAddr, n: usize) -> Vec<String> {
     (0..n)
         .map(|_| ask(lab, "p", from, addr).unwrap_or_else(|e| panic!("{from} → {addr}: {e}")))

@@ -243,3 +243,36 @@ pub fn pod_ip(lab: &Lab, pod: &str) -> std::net::Ipv4Addr {
         .parse()
         .unwrap()
 }
+
+/// Connects over TCP from inside a lab namespace and returns the responder's answer (its name).
+pub fn ask(lab: &Lab, kind: &str, from: &str, addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = lab
+        .netns(kind, from)
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        .unwrap()?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.trim().to_string())
+}
+
+/// Sends a datagram from inside pod `from` and returns the answer; up to 3 tries of 500 ms, since
+/// UDP may lose one.
+pub fn ask_udp(lab: &Lab, from: &str, addr: SocketAddr) -> std::io::Result<String> {
+    let s = lab
+        .netns("p", from)
+        .run(|| std::net::UdpSocket::bind(("0.0.0.0", 0)))
+        .unwrap()?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut last = std::io::Error::other("no answer");
+    for _ in 0..3 {
+        s.send(b"?")?;
+        let mut b = [0u8; 256];
+        match s.recv(&mut b) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&b[..n]).trim().to_string()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
