@@ -63,6 +63,13 @@ pub struct Flags {
     /// (default 60; updates in between are incremental).
     #[arg(long)]
     pub services_repair: Option<u64>,
+    /// UDP port of the VXLAN tunnel, the same on every node (default 4789, the IANA port; the
+    /// Linux kernel's own default, and flannel's, is 8472).
+    #[arg(long)]
+    pub vxlan_port: Option<u16>,
+    /// VXLAN network identifier, the same on every node (default 1).
+    #[arg(long)]
+    pub vxlan_vni: Option<u32>,
     /// Release this node's lease, remove what the agent made, and exit.
     #[arg(long)]
     #[serde(skip)]
@@ -86,6 +93,8 @@ pub struct Config {
     pub resync: Duration,
     pub service_cidr: Ipv4Net,
     pub services_repair: Duration,
+    pub vxlan_port: u16,
+    pub vxlan_vni: u32,
     pub leave: bool,
 }
 
@@ -130,7 +139,9 @@ impl Flags {
                 network_name,
                 resync,
                 service_cidr,
-                services_repair
+                services_repair,
+                vxlan_port,
+                vxlan_vni
             );
         }
         let node_name = match self.node_name {
@@ -208,6 +219,16 @@ impl Flags {
                 "--services-repair: {services_repair} is not in 1..3600 seconds"
             ));
         }
+        let vxlan_port = self.vxlan_port.unwrap_or(crate::backend::VXLAN_PORT);
+        if vxlan_port == 0 {
+            return Err("--vxlan-port: 0 is not a port (1..65535)".into());
+        }
+        let vxlan_vni = self.vxlan_vni.unwrap_or(crate::backend::VXLAN_VNI);
+        if !(1..=0xff_ffff).contains(&vxlan_vni) {
+            return Err(format!(
+                "--vxlan-vni: {vxlan_vni} is not in 1..16777215 (24 bits)"
+            ));
+        }
         Ok(Config {
             node_name,
             cluster_cidr,
@@ -226,6 +247,8 @@ impl Flags {
             resync: Duration::from_secs(resync),
             service_cidr,
             services_repair: Duration::from_secs(services_repair),
+            vxlan_port,
+            vxlan_vni,
             leave: self.leave,
         })
     }
@@ -258,6 +281,8 @@ mod tests {
             ["--lease-ttl", "1"],
             ["--service-cidr", "10.244.0.0/12"],
             ["--services-repair", "0"],
+            ["--vxlan-port", "0"],
+            ["--vxlan-vni", "16777216"],
         ] {
             let mut a = vec!["--node-name", "n1"];
             a.extend(args);

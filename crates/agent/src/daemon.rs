@@ -444,7 +444,10 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             // peers drop their routes to this node's pods. Level-triggered, so put it back.
             restore_lease(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
         }
-        let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
+        let mut plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
+        if let Some(v) = &mut plan.vxlan {
+            (v.vni, v.port) = (cfg.vxlan_vni, cfg.vxlan_port);
+        }
         m.peers
             .set(peers.iter().filter(|l| l.node != local.node).count() as i64);
         let start = Instant::now();

@@ -97,6 +97,20 @@ fn apply(kind: BackendKind, node: &Node, peers: &[Lease]) -> usize {
 }
 
 fn reconcile_in(kind: BackendKind, node: &Node, peers: &[Lease]) -> Reconciled {
+    reconcile_plan(node, &plan_for(kind, node, peers))
+}
+
+fn plan_for(kind: BackendKind, node: &Node, peers: &[Lease]) -> backend::Plan {
+    backend::plan(
+        kind,
+        "10.244.0.0/16".parse().unwrap(),
+        &node.lease,
+        &node.underlay,
+        peers,
+    )
+}
+
+fn reconcile_plan(node: &Node, plan: &backend::Plan) -> Reconciled {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -104,14 +118,7 @@ fn reconcile_in(kind: BackendKind, node: &Node, peers: &[Lease]) -> Reconciled {
     let netns = Netns::open(node.ns.path()).unwrap();
     rt.block_on(async {
         let nl = Netlink::connect_in(&netns).unwrap();
-        let plan = backend::plan(
-            kind,
-            "10.244.0.0/16".parse().unwrap(),
-            &node.lease,
-            &node.underlay,
-            peers,
-        );
-        reconcile(&nl, &plan, &node.underlay).await.unwrap()
+        reconcile(&nl, plan, &node.underlay).await.unwrap()
     })
 }
 
@@ -290,4 +297,75 @@ fn a_foreign_route_to_a_peer_subnet_is_left_alone_and_reported() {
     let done = reconcile_in(BackendKind::HostGw, &n1, &leases);
     assert_eq!((done.changes, done.conflicts.len()), (1, 1));
     assert_eq!(ip(&n1.ns, &["route", "show", "proto", "202"]).trim(), "");
+}
+
+#[test]
+fn vxlan_device_settings_drift_is_repaired() {
+    let (n1, n2) = two_nodes(BackendKind::Vxlan);
+    let leases = vec![n1.lease.clone(), n2.lease.clone()];
+    apply(BackendKind::Vxlan, &n1, &leases);
+    apply(BackendKind::Vxlan, &n2, &leases);
+    let details = || ip(&n1.ns, &["-d", "link", "show", "weft.vxlan"]);
+    // Learning switched on by hand: the device is made again as Weft makes it.
+    ip(
+        &n1.ns,
+        &["link", "set", "weft.vxlan", "type", "vxlan", "learning"],
+    );
+    assert!(!details().contains("nolearning"), "{}", details());
+    assert!(apply(BackendKind::Vxlan, &n1, &leases) > 0);
+    assert!(details().contains("nolearning"), "{}", details());
+    // A device of the same name on another port (the kernel's default, 8472), made by hand.
+    ip(&n1.ns, &["link", "del", "weft.vxlan"]);
+    ip(
+        &n1.ns,
+        &[
+            "link",
+            "add",
+            "weft.vxlan",
+            "address",
+            "0a:58:0a:f4:01:00",
+            "mtu",
+            "1450",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            "10.100.0.1",
+            "dev",
+            "eth0",
+            "nolearning",
+        ],
+    );
+    assert!(apply(BackendKind::Vxlan, &n1, &leases) > 0);
+    assert!(details().contains("dstport 4789"), "{}", details());
+    assert_eq!(apply(BackendKind::Vxlan, &n1, &leases), 0);
+    assert_eq!(
+        tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).unwrap(),
+        "pong"
+    );
+}
+
+#[test]
+fn vxlan_on_another_port_and_vni() {
+    let (n1, n2) = two_nodes(BackendKind::Vxlan);
+    let leases = vec![n1.lease.clone(), n2.lease.clone()];
+    for node in [&n1, &n2] {
+        let mut plan = plan_for(BackendKind::Vxlan, node, &leases);
+        let v = plan.vxlan.as_mut().unwrap();
+        (v.port, v.vni) = (8472, 4242);
+        assert!(reconcile_plan(node, &plan).changes > 0);
+        assert_eq!(reconcile_plan(node, &plan).changes, 0);
+    }
+    let d = ip(&n1.ns, &["-d", "link", "show", "weft.vxlan"]);
+    assert!(
+        d.contains("vxlan id 4242") && d.contains("dstport 8472"),
+        "{d}"
+    );
+    assert_eq!(
+        tcp(&n1.ns, &n2.ns, "10.244.2.1".parse().unwrap()).unwrap(),
+        "pong"
+    );
 }

@@ -9,7 +9,7 @@ pub mod netns;
 pub mod sysctl;
 
 pub use error::Error;
-pub use netlink::{Link, Netlink, RouteSpec, VethSpec, VxlanSpec};
+pub use netlink::{Link, Netlink, RouteSpec, VethSpec, VxlanAttrs, VxlanSpec};
 pub use netns::{NamedNetns, Netns, ScratchNetns};
 
 /// Route protocol number that marks the routes the CNI plugin installs for pods

@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::NeighbourFlags;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
@@ -36,6 +36,19 @@ pub struct Link {
     /// The bridge (or bond) this link is a port of.
     pub controller: Option<u32>,
     pub up: bool,
+    /// A VXLAN device's settings, as the kernel reports them.
+    pub vxlan: Option<VxlanAttrs>,
+}
+
+/// What a VXLAN device was made with (the part Weft sets).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanAttrs {
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub local: Option<Ipv4Addr>,
+    /// The underlay device index.
+    pub dev: Option<u32>,
+    pub learning: Option<bool>,
 }
 
 impl Link {
@@ -49,6 +62,7 @@ impl Link {
             alias: None,
             controller: None,
             up: msg.header.flags.contains(LinkFlags::Up),
+            vxlan: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -61,8 +75,23 @@ impl Link {
                 }
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(k) = info {
-                            link.kind = Some(k.to_string());
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                                let mut v = VxlanAttrs::default();
+                                for a in attrs {
+                                    match a {
+                                        InfoVxlan::Id(id) => v.vni = Some(*id),
+                                        InfoVxlan::Port(p) => v.port = Some(*p),
+                                        InfoVxlan::Local(ip) => v.local = Some(*ip),
+                                        InfoVxlan::Link(dev) => v.dev = Some(*dev),
+                                        InfoVxlan::Learning(l) => v.learning = Some(*l),
+                                        _ => {}
+                                    }
+                                }
+                                link.vxlan = Some(v);
+                            }
+                            _ => {}
                         }
                     }
                 }

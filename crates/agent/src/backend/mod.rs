@@ -140,6 +140,10 @@ pub struct VxlanPlan {
     pub mac: [u8; 6],
     pub address: Ipv4Net,
     pub mtu: u32,
+    /// VNI and UDP port: `VXLAN_VNI` and `VXLAN_PORT` unless the agent's flags say otherwise.
+    /// Every node of a cluster must use the same.
+    pub vni: u32,
+    pub port: u16,
 }
 
 /// The desired datapath for `local` given its peers. Pure: tested without a kernel.
@@ -156,6 +160,8 @@ pub fn plan(
             mac: vtep_mac(local.subnet),
             address: Ipv4Net::new(vtep_ip(local.subnet), 32).expect("/32"),
             mtu: underlay.mtu - VXLAN_OVERHEAD,
+            vni: VXLAN_VNI,
+            port: VXLAN_PORT,
         });
     }
     let mut reachable: Vec<&Lease> = Vec::new();

@@ -4,10 +4,10 @@
 //! Weft's (protocol `PEER_ROUTE_PROTOCOL`): a foreign route to a peer's subnet is reported as a
 //! conflict and left in place.
 
-use super::{Plan, Problem, Underlay, Via, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI};
+use super::{Plan, Problem, Underlay, Via, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
 use std::net::{IpAddr, Ipv4Addr};
-use weft_net::{Error, Netlink, RouteSpec, VxlanSpec, PEER_ROUTE_PROTOCOL};
+use weft_net::{Error, Netlink, RouteSpec, VxlanAttrs, VxlanSpec, PEER_ROUTE_PROTOCOL};
 
 /// What a reconcile pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -29,9 +29,30 @@ pub async fn reconcile(
     let mut conflicts = Vec::new();
     let vxlan_index = match &plan.vxlan {
         Some(v) => {
+            let spec = VxlanSpec {
+                name: VXLAN_DEVICE.into(),
+                vni: v.vni,
+                port: v.port,
+                local: underlay.ip,
+                dev: underlay.index,
+                mac: v.mac,
+                mtu: v.mtu,
+            };
+            let made_as = VxlanAttrs {
+                vni: Some(spec.vni),
+                port: Some(spec.port),
+                local: Some(spec.local),
+                dev: Some(spec.dev),
+                learning: Some(false),
+            };
             let existing = nl.link(VXLAN_DEVICE).await?;
+            // A device that differs in anything Weft sets (learning switched on by hand, another
+            // port, an underlay address that changed) is made again.
             let stale = existing.as_ref().is_some_and(|l| {
-                l.kind.as_deref() != Some("vxlan") || l.mac != Some(v.mac) || l.mtu != v.mtu
+                l.kind.as_deref() != Some("vxlan")
+                    || l.mac != Some(v.mac)
+                    || l.mtu != v.mtu
+                    || l.vxlan.as_ref() != Some(&made_as)
             });
             if stale {
                 nl.del_link(VXLAN_DEVICE).await?;
@@ -40,16 +61,7 @@ pub async fn reconcile(
             let link = match existing.filter(|_| !stale) {
                 Some(l) => l,
                 None => {
-                    nl.add_vxlan(&VxlanSpec {
-                        name: VXLAN_DEVICE.into(),
-                        vni: VXLAN_VNI,
-                        port: VXLAN_PORT,
-                        local: underlay.ip,
-                        dev: underlay.index,
-                        mac: v.mac,
-                        mtu: v.mtu,
-                    })
-                    .await?;
+                    nl.add_vxlan(&spec).await?;
                     changes += 1;
                     nl.link(VXLAN_DEVICE).await?.ok_or_else(|| Error::Io {
                         op: format!("looking up {VXLAN_DEVICE}"),
