@@ -12,7 +12,7 @@
 use crate::backend::{self, reconcile::reconcile, BackendKind, Problem, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
-use crate::lease::{candidates, lease_key, Lease, LEASE_PREFIX};
+use crate::lease::{candidates, lease_key, Lease, VxlanSettings, LEASE_PREFIX};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -120,6 +120,10 @@ pub async fn acquire<S: Store>(
             .backend
             .uses_vxlan()
             .then(|| weft_net::format_mac(&backend::vtep_mac(subnet))),
+        vxlan: cfg.backend.uses_vxlan().then_some(VxlanSettings {
+            vni: cfg.vxlan_vni,
+            port: cfg.vxlan_port,
+        }),
     };
     for _attempt in 0..10 {
         let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
@@ -561,6 +565,7 @@ async fn leave<S: Store>(
             underlay_ip: underlay.ip,
             backend: BackendKind::HostGw,
             vtep_mac: None,
+            vxlan: None,
         };
         let empty = backend::plan(BackendKind::HostGw, cfg.cluster_cidr, &local, underlay, &[]);
         reconcile(nl, &empty, underlay)

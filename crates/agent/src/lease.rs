@@ -16,6 +16,16 @@ pub struct Lease {
     /// Informational: VTEP MACs are derived from the subnet (`backend::vtep_mac`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<String>,
+    /// The node's tunnel settings, for backends that use VXLAN: a peer on other settings is
+    /// reported, since the two cannot reach each other through the tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<VxlanSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanSettings {
+    pub vni: u32,
+    pub port: u16,
 }
 
 pub const LEASE_PREFIX: &str = "/weft/leases/";
@@ -66,6 +76,7 @@ mod tests {
             underlay_ip: "10.100.0.1".parse().unwrap(),
             backend: BackendKind::HostGw,
             vtep_mac: None,
+            vxlan: None,
         };
         assert_eq!(lease_key(l.subnet), "/weft/leases/10.244.3.0-24");
         let j = serde_json::to_value(&l).unwrap();

@@ -75,6 +75,7 @@ fn two_nodes(kind: BackendKind) -> (Node, Node) {
                 underlay_ip: format!("10.100.0.{n}").parse().unwrap(),
                 backend: kind,
                 vtep_mac: None,
+                vxlan: None,
             },
             underlay: Underlay {
                 index,

@@ -123,7 +123,8 @@ pub struct Plan {
 pub struct Problem {
     /// The peer node it concerns.
     pub peer: String,
-    /// A Kubernetes event reason: `PeerNotOnLink`, `PeerSubnetMismatch` or `RouteConflict`.
+    /// A Kubernetes event reason: `PeerNotOnLink`, `PeerSubnetMismatch`, `PeerBackendMismatch`,
+    /// `PeerVxlanMismatch` or `RouteConflict`.
     pub reason: &'static str,
     /// The whole story, for an operator: what, why, and what to do.
     pub message: String,
@@ -189,6 +190,35 @@ pub fn plan(
     let mut peers = reachable;
     peers.sort_by_key(|l| l.subnet);
     for peer in peers {
+        // Programmed all the same (the routes are right for this node's side), but said: the
+        // peer's side is not what this node expects.
+        if peer.backend != local.backend {
+            p.problems.push(Problem {
+                peer: peer.node.clone(),
+                reason: "PeerBackendMismatch",
+                message: format!(
+                    "peer {} runs the {} backend and this node {}: traffic between them can be \
+                     lost; every node of a cluster needs the same --backend",
+                    peer.node,
+                    peer.backend.as_str(),
+                    local.backend.as_str()
+                ),
+            });
+        }
+        if let (Some(theirs), Some(ours)) = (peer.vxlan, local.vxlan) {
+            if theirs != ours {
+                p.problems.push(Problem {
+                    peer: peer.node.clone(),
+                    reason: "PeerVxlanMismatch",
+                    message: format!(
+                        "peer {} tunnels with VNI {} on UDP {}, this node with VNI {} on UDP {}: \
+                         the tunnel between them carries nothing; every node needs the same \
+                         --vxlan-vni and --vxlan-port",
+                        peer.node, theirs.vni, theirs.port, ours.vni, ours.port
+                    ),
+                });
+            }
+        }
         let adjacent = underlay.net.contains(&peer.underlay_ip);
         let via = match kind {
             BackendKind::HostGw if adjacent => Via::Underlay,
@@ -241,6 +271,7 @@ mod tests {
             underlay_ip: ip.parse().unwrap(),
             backend: BackendKind::Vxlan,
             vtep_mac: None,
+            vxlan: None,
         }
     }
 
@@ -324,6 +355,37 @@ mod tests {
             ([0x0a, 0x58, 10, 244, 3, 0], "10.101.0.3".parse().unwrap())
         );
         assert!(p.problems.is_empty());
+    }
+
+    #[test]
+    fn peers_on_another_backend_or_tunnel_are_reported_and_still_routed() {
+        let mut local = lease("node1", "10.244.1.0/24", "10.100.0.1");
+        local.vxlan = Some(crate::lease::VxlanSettings { vni: 1, port: 4789 });
+        let mut hostgw = lease("node2", "10.244.2.0/24", "10.100.0.2");
+        hostgw.backend = BackendKind::HostGw;
+        let mut other_port = lease("node3", "10.244.3.0/24", "10.100.0.3");
+        other_port.vxlan = Some(crate::lease::VxlanSettings { vni: 1, port: 8472 });
+        let same = {
+            let mut l = lease("node4", "10.244.4.0/24", "10.100.0.4");
+            l.vxlan = local.vxlan;
+            l
+        };
+        let peers = [local.clone(), hostgw, other_port, same];
+        let p = plan(BackendKind::Vxlan, cidr(), &local, &underlay(), &peers);
+        assert_eq!(p.routes.len(), 3);
+        let reasons: Vec<_> = p
+            .problems
+            .iter()
+            .map(|p| (p.peer.as_str(), p.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("node2", "PeerBackendMismatch"),
+                ("node3", "PeerVxlanMismatch")
+            ]
+        );
+        assert!(p.problems[1].message.contains("8472"), "{}", p.problems[1]);
     }
 
     #[test]
