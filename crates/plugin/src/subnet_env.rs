@@ -161,12 +161,27 @@ mod tests {
             ..Default::default()
         };
         env.write(&path).unwrap();
-        assert_eq!(SubnetEnv::read(&path).unwrap(), Some(env));
+        assert_eq!(SubnetEnv::read(&path).unwrap(), Some(env.clone()));
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             1,
             "no temp file left"
         );
+        // A reader that has the old file open keeps reading the old, whole file: the new one is
+        // another inode, put in place by rename, never the old one truncated and rewritten.
+        use std::os::unix::fs::MetadataExt;
+        let mut old = std::fs::File::open(&path).unwrap();
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        let newer = SubnetEnv {
+            subnet: Some("10.9.1.0/24".parse().unwrap()),
+            ..Default::default()
+        };
+        newer.write(&path).unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut old, &mut text).unwrap();
+        assert_eq!(text, env.render());
+        assert_eq!(SubnetEnv::read(&path).unwrap(), Some(newer));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), None);
     }

@@ -17,9 +17,28 @@ fn all_connect(backend: &str, extra: &[&str], tag: &str) {
     lab.ok(&args);
     let status = lab.ok(&["status"]);
     assert!(
-        status.contains("node3") && status.contains("n3p2") && status.contains(backend),
+        status.contains("n3p2") && status.contains("no warnings from the agents"),
         "{status}"
     );
+    let pids: Vec<u32> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| lab.agent_pid(n).expect("a live agent"))
+        .collect();
+    for (i, node) in ["node1", "node2", "node3"].iter().enumerate() {
+        let line = status.lines().find(|l| l.starts_with(node)).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let subnet = lab.subnet(node);
+        let underlay = cols[1];
+        assert!(
+            underlay.starts_with("10.10") && underlay.ends_with(&format!(".{}", 11 + i)),
+            "{line}"
+        );
+        assert_eq!(
+            (cols[2], cols[3], cols[4]),
+            (subnet.as_str(), backend, pids[i].to_string().as_str()),
+            "{line}"
+        );
+    }
     let matrix = lab.ok(&["check"]);
     assert!(
         matrix.contains("36 passed, 0 failed"),
@@ -45,6 +64,16 @@ fn all_connect(backend: &str, extra: &[&str], tag: &str) {
     assert!(matrix.contains("36 passed, 0 failed"), "{matrix}");
     lab.ok(&["down"]);
     assert_eq!(lab.namespaces(), Vec::<String>::new());
+    for pid in pids {
+        assert!(
+            !Path::new("/proc").join(pid.to_string()).exists(),
+            "agent {pid} outlived down"
+        );
+    }
+    assert!(
+        !lab.state_dir.join(&lab.name).exists(),
+        "the lab's directory is gone"
+    );
     lab.ok(&["down"]);
     let out = lab.run(&["status"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not up"));

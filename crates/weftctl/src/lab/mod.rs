@@ -481,6 +481,7 @@ impl Lab {
             }
             self.save(s)?;
         }
+        progress("waiting for every agent to lease a subnet");
         for node in s.nodes.clone() {
             wait_subnet(&node)?;
         }
@@ -519,6 +520,7 @@ impl Lab {
             self.stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
             e
         };
+        progress("waiting for etcd to answer");
         // Ready when the client port answers (bounded).
         let deadline = Instant::now() + Duration::from_secs(15);
         let ns = Netns::open(NamedNetns::path(fabric)).map_err(|e| fail(e.to_string()))?;
@@ -774,11 +776,15 @@ impl Lab {
     fn teardown(&self, keep_logs: bool) -> Result<i32> {
         let mut errors = Vec::new();
         if let Ok(mut s) = self.load() {
+            if !s.pods.is_empty() {
+                progress(&format!("pods: CNI DEL of {}", s.pods.len()));
+            }
             for name in s.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
                 if let Err(e) = self.del_pod(&mut s, &name) {
                     errors.push(e);
                 }
             }
+            progress("stopping agents, responders and the store");
             for n in &s.nodes {
                 self.stop_and_wait(n.agent_pid, nix::sys::signal::Signal::SIGTERM);
                 self.stop(n.responder_pid);
@@ -786,6 +792,7 @@ impl Lab {
             self.stop(s.outside_responder_pid);
             self.stop_and_wait(s.etcd_pid, nix::sys::signal::Signal::SIGTERM);
         }
+        progress("removing namespaces");
         // Whatever is left of this lab (a crashed `up`, a lost state file).
         for ns in NamedNetns::list(&format!("{NETNS_PREFIX}{}-", self.name)) {
             let _ = NamedNetns::delete(&ns);
