@@ -9,7 +9,7 @@
 //! Warning events (events.rs). `weftctl node leave` asks a running agent to leave by writing
 //! `/weft/leave/<node>`: the agent releases its lease, removes what it made and exits.
 
-use crate::backend::{self, reconcile::reconcile, BackendKind, Problem, Underlay};
+use crate::backend::{self, reconcile::reconcile, BackendKind, Problem, Reason, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::lease::{candidates, lease_key, Lease, VxlanSettings, LEASE_PREFIX};
@@ -57,7 +57,7 @@ impl Metrics {
         r.register("peers", "Peer nodes with a lease", m.peers.clone());
         r.register(
             "peer_problems",
-            "Peers the backend cannot reach",
+            "Problems with peers now: unreachable, or on other settings (see the events)",
             m.peer_problems.clone(),
         );
         r.register(
@@ -349,6 +349,12 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     if cfg.leave {
         return leave(&cfg, &*store, &nl, &underlay).await;
     }
+    // A request that waited for this agent (it was down when `weftctl node leave` ran).
+    match store.get(&leave_key(&cfg.node_name)).await {
+        Ok(Some(_)) => return leave_on_request(&cfg, &*store, &nl, &underlay, None).await,
+        Ok(None) => {}
+        Err(e) => warn!("looking for a leave request: {e}"),
+    }
     let (m, mut registry) = Metrics::new();
     let service_metrics = crate::services::Metrics::register(&mut registry);
     let health = Arc::new(Health {
@@ -380,12 +386,14 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         lease_tx,
         m.clone(),
     ));
+    let (stop_services, stop) = watch::channel(false);
     let services = tokio::spawn(crate::services::run(
         store.clone(),
         cfg.clone(),
         lease_rx.clone(),
         service_metrics,
         health.clone(),
+        stop,
     ));
     let view = Mirror::default();
     let changed = Arc::new(Notify::new());
@@ -419,20 +427,19 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             .expect("not poisoned")
             .contains_key(&leave_key(&cfg.node_name))
         {
-            info!("leaving, as `weftctl node leave` asked");
-            // Nothing may renew the lease or rewrite the table behind the leave.
+            // Nothing may renew the lease or rewrite the table behind the leave: the lease
+            // keeper is cancelled, the Services task finishes a sync in flight and returns.
             keeper.abort();
-            services.abort();
             let _ = keeper.await;
-            let _ = services.await;
-            leave(&cfg, &*store, &nl, &underlay).await?;
-            let _ = store.revoke(lease_id.load(Ordering::Relaxed)).await;
-            // Deleting the request tells `weftctl node leave` that the node is done.
-            store
-                .delete(&leave_key(&cfg.node_name))
+            let _ = stop_services.send(true);
+            if tokio::time::timeout(Duration::from_secs(10), services)
                 .await
-                .map_err(|e| format!("deleting the leave request: {e}"))?;
-            return Ok(());
+                .is_err()
+            {
+                warn!("the Services task did not stop within 10 s; leaving anyway");
+            }
+            let id = lease_id.load(Ordering::Relaxed);
+            return leave_on_request(&cfg, &*store, &nl, &underlay, Some(id)).await;
         }
         let local = lease_rx.borrow_and_update().clone();
         let (peers, own_key): (Vec<Lease>, bool) = {
@@ -448,10 +455,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             // peers drop their routes to this node's pods. Level-triggered, so put it back.
             restore_lease(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
         }
-        let mut plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
-        if let Some(v) = &mut plan.vxlan {
-            (v.vni, v.port) = (cfg.vxlan_vni, cfg.vxlan_port);
-        }
+        let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
         m.peers
             .set(peers.iter().filter(|l| l.node != local.node).count() as i64);
         let start = Instant::now();
@@ -473,6 +477,14 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             Err(e) => {
                 m.reconcile_errors.inc();
                 error!("reconcile: {e}");
+                // Conflicts are only known from a pass that read the routes: keep the last ones
+                // rather than clear their events for one failed pass.
+                problems.extend(
+                    last_problems
+                        .iter()
+                        .filter(|p| p.reason == Reason::RouteConflict)
+                        .cloned(),
+                );
             }
         }
         m.reconcile_seconds.observe(start.elapsed().as_secs_f64());
@@ -533,26 +545,70 @@ async fn restore_lease<S: Store>(store: &S, local: &Lease, lease_id: LeaseId) {
     }
 }
 
-/// `weftd --leave`: give the subnet back and remove what the agent made on this node.
+/// Carries out `weftctl node leave`: leaves, revokes the agent's store lease (`lease`; its
+/// events go with it), and answers: deletes the request if all went well, else writes the error
+/// into it (weftctl shows it, and the next start of the agent tries again).
+async fn leave_on_request<S: Store>(
+    cfg: &Config,
+    store: &S,
+    nl: &Netlink,
+    underlay: &Underlay,
+    lease: Option<LeaseId>,
+) -> Result<(), String> {
+    info!("leaving, as `weftctl node leave` asked");
+    let outcome = leave(cfg, store, nl, underlay).await;
+    if let Some(id) = lease {
+        let _ = store.revoke(id).await;
+    }
+    let key = leave_key(&cfg.node_name);
+    let answered = match &outcome {
+        Ok(()) => store.delete(&key).await.map(drop),
+        Err(e) => match store.get(&key).await {
+            Ok(Some(kv)) => {
+                let mut request: serde_json::Value =
+                    serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
+                request["error"] = e.clone().into();
+                store
+                    .put(&key, request.to_string().as_bytes(), kv.lease)
+                    .await
+                    .map(drop)
+            }
+            other => other.map(drop),
+        },
+    };
+    if let Err(e) = answered {
+        error!("answering the leave request {key}: {e}");
+    }
+    outcome
+}
+
+/// `weftd --leave`: give the subnet back and remove what the agent made on this node. A step that
+/// fails does not stop the others; the error names every one that failed.
 async fn leave<S: Store>(
     cfg: &Config,
     store: &S,
     nl: &Netlink,
     underlay: &Underlay,
 ) -> Result<(), String> {
-    let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
+    let mut errors = Vec::new();
     let mut released = None;
-    for kv in kvs {
-        if let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) {
-            if l.node == cfg.node_name
-                && store
-                    .cad(&kv.key, kv.mod_revision)
-                    .await
-                    .map_err(|e| e.to_string())?
-            {
-                released = Some(l);
+    match store.list(LEASE_PREFIX).await {
+        Ok((kvs, _)) => {
+            for kv in kvs {
+                let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) else {
+                    continue;
+                };
+                if l.node != cfg.node_name {
+                    continue;
+                }
+                match store.cad(&kv.key, kv.mod_revision).await {
+                    Ok(true) => released = Some(l),
+                    Ok(false) => {}
+                    Err(e) => errors.push(format!("releasing {}: {e}", kv.key)),
+                }
             }
         }
+        Err(e) => errors.push(format!("listing the leases: {e}")),
     }
     let subnet = released
         .as_ref()
@@ -568,13 +624,30 @@ async fn leave<S: Store>(
             vxlan: None,
         };
         let empty = backend::plan(BackendKind::HostGw, cfg.cluster_cidr, &local, underlay, &[]);
-        reconcile(nl, &empty, underlay)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = reconcile(nl, &empty, underlay).await {
+            errors.push(format!(
+                "removing the peer routes and {}: {e}",
+                backend::VXLAN_DEVICE
+            ));
+        }
     }
-    weft_services::nft::remove_table()?;
-    let _ = std::fs::remove_file(cfg.run_dir.join(weft_plugin::config::SUBNET_FILE));
-    let _ = std::fs::remove_file(state_file(cfg));
+    if let Err(e) = weft_services::nft::remove_table() {
+        errors.push(e);
+    }
+    for path in [
+        cfg.run_dir.join(weft_plugin::config::SUBNET_FILE),
+        state_file(cfg),
+    ] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                errors.push(format!("removing {}: {e}", path.display()))
+            }
+            _ => {}
+        }
+    }
+    if !errors.is_empty() {
+        return Err(format!("leaving: {}", errors.join("; ")));
+    }
     match released {
         Some(l) => info!("left: released {}", l.subnet),
         None => info!("left: this node held no lease"),

@@ -21,15 +21,25 @@ fn node_prefix(node: &str) -> String {
 }
 
 /// `<node>.weft-<reason in kebab case>-<peer>`: stable, so a lasting problem keeps one event.
+/// Names are lowercased and anything outside a DNS subdomain's letters becomes '-' (a peer's name
+/// comes from its lease record, which nothing else checks).
 pub fn event_name(node: &str, p: &Problem) -> String {
     let mut reason = String::new();
-    for (i, c) in p.reason.chars().enumerate() {
+    for (i, c) in p.reason.as_str().chars().enumerate() {
         if c.is_ascii_uppercase() && i > 0 {
             reason.push('-');
         }
         reason.push(c.to_ascii_lowercase());
     }
-    format!("{node}.weft-{reason}-{}", p.peer)
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c.to_ascii_lowercase() {
+                c @ ('a'..='z' | '0'..='9' | '.' | '-') => c,
+                _ => '-',
+            })
+            .collect()
+    };
+    format!("{}.weft-{reason}-{}", clean(node), clean(&p.peer))
 }
 
 /// The event for `p`, seen now; `previous` (the same problem's last event, if any) keeps its
@@ -51,7 +61,7 @@ pub fn event(node: &str, p: &Problem, now: Timestamp, previous: Option<&Event>) 
             ..Default::default()
         },
         type_: Some("Warning".into()),
-        reason: Some(p.reason.into()),
+        reason: Some(p.reason.as_str().into()),
         message: Some(p.message.clone()),
         source: Some(EventSource {
             component: Some(COMPONENT.into()),
@@ -118,11 +128,12 @@ pub async fn publish<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Reason;
 
     fn problem() -> Problem {
         Problem {
             peer: "node2".into(),
-            reason: "PeerNotOnLink",
+            reason: Reason::PeerNotOnLink,
             message: "peer node2 is not on the underlay subnet".into(),
         }
     }

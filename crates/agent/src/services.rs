@@ -154,13 +154,15 @@ async fn serve_health(listener: tokio::net::TcpListener, port: u16, state: Healt
 }
 
 /// The Services loop. Waits for full lists of both prefixes first: syncing from a partial view
-/// would drop services that are merely not read yet.
+/// would drop services that are merely not read yet. Returns when `stop` turns true, never in the
+/// middle of a sync, so that whoever stops it can then remove the table for good.
 pub async fn run<S: Store>(
     store: Arc<S>,
     cfg: Config,
     mut lease: watch::Receiver<Lease>,
     m: Metrics,
     health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let services = Mirror::default();
     let slices = Mirror::default();
@@ -181,8 +183,13 @@ pub async fn run<S: Store>(
         changed.clone(),
         synced_slices.clone(),
     ));
-    synced_services.notified().await;
-    synced_slices.notified().await;
+    tokio::select! {
+        _ = async {
+            synced_services.notified().await;
+            synced_slices.notified().await;
+        } => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
 
     let mut proxy = Some(Proxy::new());
     let mut cache = Cache::default();
@@ -194,6 +201,9 @@ pub async fn run<S: Store>(
     let mut last_problems: Vec<String> = Vec::new();
     let mut last_repair = Instant::now();
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let facts = NodeFacts {
             node: cfg.node_name.clone(),
             cluster_cidr: cfg.cluster_cidr,
@@ -272,6 +282,11 @@ pub async fn run<S: Store>(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             r = lease.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            r = stop.changed() => {
                 if r.is_err() {
                     return;
                 }

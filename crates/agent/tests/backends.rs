@@ -257,7 +257,10 @@ fn a_foreign_route_to_a_peer_subnet_is_left_alone_and_reported() {
     assert_eq!(done.changes, 0);
     assert_eq!(done.conflicts.len(), 1, "{:?}", done.conflicts);
     let c = &done.conflicts[0];
-    assert_eq!((c.peer.as_str(), c.reason), ("node2", "RouteConflict"));
+    assert_eq!(
+        (c.peer.as_str(), c.reason),
+        ("node2", backend::Reason::RouteConflict)
+    );
     assert!(c.message.contains("10.244.2.0/24"), "{}", c.message);
     let routes = ip(&n1.ns, &["route", "show", "10.244.2.0/24"]);
     assert!(
@@ -351,12 +354,17 @@ fn vxlan_device_settings_drift_is_repaired() {
 
 #[test]
 fn vxlan_on_another_port_and_vni() {
-    let (n1, n2) = two_nodes(BackendKind::Vxlan);
+    let (mut n1, mut n2) = two_nodes(BackendKind::Vxlan);
+    for n in [&mut n1, &mut n2] {
+        n.lease.vxlan = Some(weft_agent::lease::VxlanSettings {
+            vni: 4242,
+            port: 8472,
+        });
+    }
     let leases = vec![n1.lease.clone(), n2.lease.clone()];
     for node in [&n1, &n2] {
-        let mut plan = plan_for(BackendKind::Vxlan, node, &leases);
-        let v = plan.vxlan.as_mut().unwrap();
-        (v.port, v.vni) = (8472, 4242);
+        let plan = plan_for(BackendKind::Vxlan, node, &leases);
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
         assert!(reconcile_plan(node, &plan).changes > 0);
         assert_eq!(reconcile_plan(node, &plan).changes, 0);
     }

@@ -2,7 +2,10 @@
 //! processes would have): racing agents never share a subnet; a restarted agent, or one whose
 //! lease expired, gets its own subnet back.
 
+mod common;
+
 use clap::Parser;
+use common::colliding_names;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,15 +62,7 @@ async fn twenty_racing_agents_never_share_a_subnet() {
     let mut tasks = Vec::new();
     // All 20 ask at once, and all have one of two first choices in a /19 (32 subnets): most
     // compare-and-swaps lose, and those agents must move on to other subnets.
-    let cidr = "10.244.0.0/19".parse().unwrap();
-    let first = |n: &str| candidates(cidr, 24, n, None)[0];
-    let (a, b) = (first("node0"), first("node1"));
-    let names: Vec<String> = (0..100_000)
-        .map(|k| format!("node{k}"))
-        .filter(|n| first(n) == a || first(n) == b)
-        .take(20)
-        .collect();
-    assert_eq!(names.len(), 20);
+    let names = colliding_names("10.244.0.0/19".parse().unwrap(), 20);
     let start = Arc::new(tokio::sync::Barrier::new(20));
     for (i, name) in names.into_iter().enumerate() {
         let db = db.clone();

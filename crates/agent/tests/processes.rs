@@ -2,12 +2,15 @@
 //! file: SQLite's locking between processes (not just between handles of one process) keeps
 //! every subnet to one node, and each agent finds its underlay by the default route.
 
+mod common;
+
+use common::colliding_names;
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use weft_agent::lease::{candidates, Lease, LEASE_PREFIX};
+use weft_agent::lease::{Lease, LEASE_PREFIX};
 use weft_net::ScratchNetns;
 use weft_store::{SqliteStore, Store};
 
@@ -65,14 +68,7 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     let db = dir.join("store.db");
     // Names whose first-choice subnets collide (two first choices for all twenty), so that the
     // processes race for the same keys.
-    let cidr = "10.244.0.0/19".parse().unwrap();
-    let first = |n: &str| candidates(cidr, 24, n, None)[0];
-    let (a, b) = (first("node0"), first("node1"));
-    let names: Vec<String> = (0..100_000)
-        .map(|k| format!("node{k}"))
-        .filter(|n| first(n) == a || first(n) == b)
-        .take(AGENTS as usize)
-        .collect();
+    let names = colliding_names("10.244.0.0/19".parse().unwrap(), AGENTS as usize);
     for i in 0..AGENTS {
         let ns = ScratchNetns::new(PREFIX, &format!("n{i}")).unwrap();
         ip(&ns, &["link", "set", "lo", "up"]);

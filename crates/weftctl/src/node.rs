@@ -1,9 +1,11 @@
 //! `weftctl node leave NODE`: take a node out of the cluster's network.
 //!
-//! The request is a key, `/weft/leave/<node>`, that the node's running agent watches: it releases
-//! its subnet lease, removes its routes, VXLAN device and nft table, deletes the request and
-//! exits. If no agent answers in time (the node is down, or its agent is), weftctl releases the
-//! node's lease from the store itself, so that its peers drop their routes to it.
+//! The request is a key, `/weft/leave/<node>`, that the node's agent watches (and looks for when
+//! it starts): it releases its subnet lease, removes its routes, VXLAN device and nft table,
+//! deletes the request and exits; if a step fails, it writes the error into the request instead.
+//! If no agent answers in time (the node is down, or its agent is), weftctl releases the node's
+//! lease from the store itself, so that its peers drop their routes to it, and leaves the request
+//! in place without a TTL: the agent carries it out when it runs again.
 
 use clap::{Args, Subcommand};
 use std::time::{Duration, Instant};
@@ -75,6 +77,7 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
             .await
             .map_err(|e| format!("--store {url}: {e}"))?;
         let held = node_leases(&store, node).await?;
+        let key = leave_key(node);
         if held.is_empty() {
             return Err(format!(
                 "node {node} holds no lease in {url}: it has left already, or never joined"
@@ -85,40 +88,57 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
             .map(|(_, l)| l.subnet.to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        // The request outlives the wait by a little, and then goes by itself.
-        let lease = store
+        // While weftctl waits, the request lives on a lease of its own: if weftctl dies, it
+        // goes by itself a little after the wait would have ended.
+        let wait_lease = store
             .grant(Duration::from_secs(timeout + 30))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("granting a store lease for {key}: {e}"))?;
         let request = serde_json::json!({ "node": node, "requestedBy": "weftctl node leave" });
-        let key = leave_key(node);
+        let request = request.to_string();
         store
-            .put(&key, request.to_string().as_bytes(), Some(lease))
+            .put(&key, request.as_bytes(), Some(wait_lease))
             .await
             .map_err(|e| format!("writing {key}: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(timeout);
         while Instant::now() < deadline {
-            if store.get(&key).await.map_err(|e| e.to_string())?.is_none() {
+            let kv = store
+                .get(&key)
+                .await
+                .map_err(|e| format!("reading {key}: {e}"))?;
+            let Some(kv) = kv else {
                 println!("node {node} left: its agent released {subnets} and removed its routes");
                 return Ok(());
+            };
+            let answer: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+            if let Some(e) = answer["error"].as_str() {
+                return Err(format!(
+                    "the agent on {node} could not leave: {e} (it tries again when it starts; \
+                     the request stays in {key})"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let _ = store.revoke(lease).await;
+        // The agent is away: the request stays until it comes back and carries it out.
+        store
+            .put(&key, request.as_bytes(), None)
+            .await
+            .map_err(|e| format!("writing {key}: {e}"))?;
+        let _ = store.revoke(wait_lease).await;
         let mut released = Vec::new();
         for (kv, l) in node_leases(&store, node).await? {
-            if store
+            let gone = store
                 .cad(&kv.key, kv.mod_revision)
                 .await
-                .map_err(|e| e.to_string())?
-            {
+                .map_err(|e| format!("releasing {}: {e}", kv.key))?;
+            if gone {
                 released.push(l.subnet.to_string());
             }
         }
         println!(
             "no agent on {node} answered within {timeout} s: released {} from the store, so its \
              peers drop their routes to it; its own routes, VXLAN device and nft table stay until \
-             `weftd --leave` runs on it",
+             its agent runs again (it leaves then, as {key} asks) or `weftd --leave` runs there",
             if released.is_empty() {
                 "nothing (its lease went meanwhile)".to_string()
             } else {
@@ -133,7 +153,10 @@ async fn node_leases(
     store: &AnyStore,
     node: &str,
 ) -> Result<Vec<(weft_store::KeyValue, Lease)>, String> {
-    let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
+    let (kvs, _) = store
+        .list(LEASE_PREFIX)
+        .await
+        .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?;
     Ok(kvs
         .into_iter()
         .filter_map(|kv| {

@@ -231,7 +231,8 @@ fn node_leave_and_lease_expiry() {
             });
         }
     };
-    let (s2, s3, s4) = (
+    let (s1, s2, s3, s4) = (
+        lab.subnet("node1"),
         lab.subnet("node2"),
         lab.subnet("node3"),
         lab.subnet("node4"),
@@ -239,6 +240,37 @@ fn node_leave_and_lease_expiry() {
     assert!(lab
         .ip("node1", &["route", "show", &s3])
         .contains("proto 202"));
+    let store_key = |key: &str, delete: bool| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use weft_store::Store;
+            let db = weft_store::AnyStore::open(&store).await.unwrap();
+            if delete {
+                assert!(db.delete(key).await.unwrap(), "{key} was there");
+            }
+            db.get(key).await.unwrap().is_some()
+        })
+    };
+
+    // node1's lease record deleted by hand: its agent puts it back, and the peers route to it again.
+    let record1 = format!("/weft/leases/{}", s1.replace('/', "-"));
+    store_key(&record1, true);
+    wait_for(
+        "node1's lease record to be back",
+        Duration::from_secs(12),
+        || {
+            store_key(&record1, false)
+                && lab
+                    .ip("node2", &["route", "show", &s1])
+                    .contains("proto 202")
+        },
+    );
+    let log =
+        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+    assert!(log.contains("was gone; put it back"), "{log}");
 
     // A live agent, asked to leave.
     let (ok, text) = leave("node3", "15");
@@ -280,6 +312,21 @@ fn node_leave_and_lease_expiry() {
         "{text}"
     );
     dropped_by(&["node1", "node2"], &s4, Duration::from_secs(5), "node4");
+    // The request waits for node4's agent: started again, it leaves at once and says so.
+    assert!(store_key("/weft/leave/node4", false));
+    lab.ok(&["node", "restart", "node4"]);
+    wait_for(
+        "node4's agent to leave and exit",
+        Duration::from_secs(10),
+        || lab.agent_pid("node4").is_none() && !store_key("/weft/leave/node4", false),
+    );
+    let table = lab.run(&["exec", "node4", "--", "nft", "list", "table", "ip", "weft"]);
+    assert!(!table.status.success(), "node4's nft table is gone");
+    assert_eq!(
+        lab.ip("node4", &["route", "show", "proto", "202"]).trim(),
+        ""
+    );
+    assert!(lab.ip("node1", &["route", "show", &s4]).trim().is_empty());
 
     // An agent that dies and never comes back: its lease expires (TTL 10 s in the lab) and the
     // peers drop it.

@@ -49,7 +49,7 @@ fn slice(
     s
 }
 
-/// Connects from inside the namespace and reads the answer.
+/// `n` answers through `addr`, asked from pod `from` (each a new connection).
 fn answers(lab: &Lab, from: &str, addr: SocketAddr, n: usize) -> Vec<String> {
     (0..n)
         .map(|_| ask(lab, "p", from, addr).unwrap_or_else(|e| panic!("{from} → {addr}: {e}")))

@@ -123,11 +123,36 @@ pub struct Plan {
 pub struct Problem {
     /// The peer node it concerns.
     pub peer: String,
-    /// A Kubernetes event reason: `PeerNotOnLink`, `PeerSubnetMismatch`, `PeerBackendMismatch`,
-    /// `PeerVxlanMismatch` or `RouteConflict`.
-    pub reason: &'static str,
+    pub reason: Reason,
     /// The whole story, for an operator: what, why, and what to do.
     pub message: String,
+}
+
+/// A problem's kind, as a Kubernetes event reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    /// host-gw, and the peer is not on the underlay subnet.
+    PeerNotOnLink,
+    /// The peer's lease is outside the cluster CIDR or overlaps this node's subnet.
+    PeerSubnetMismatch,
+    /// The peer runs another backend.
+    PeerBackendMismatch,
+    /// The peer tunnels with another VNI or port.
+    PeerVxlanMismatch,
+    /// A route that is not Weft's holds the peer subnet's destination.
+    RouteConflict,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PeerNotOnLink => "PeerNotOnLink",
+            Reason::PeerSubnetMismatch => "PeerSubnetMismatch",
+            Reason::PeerBackendMismatch => "PeerBackendMismatch",
+            Reason::PeerVxlanMismatch => "PeerVxlanMismatch",
+            Reason::RouteConflict => "RouteConflict",
+        }
+    }
 }
 
 impl std::fmt::Display for Problem {
@@ -141,8 +166,8 @@ pub struct VxlanPlan {
     pub mac: [u8; 6],
     pub address: Ipv4Net,
     pub mtu: u32,
-    /// VNI and UDP port: `VXLAN_VNI` and `VXLAN_PORT` unless the agent's flags say otherwise.
-    /// Every node of a cluster must use the same.
+    /// VNI and UDP port: the local lease's, else `VXLAN_VNI` and `VXLAN_PORT`. Every node of a
+    /// cluster must use the same.
     pub vni: u32,
     pub port: u16,
 }
@@ -161,8 +186,8 @@ pub fn plan(
             mac: vtep_mac(local.subnet),
             address: Ipv4Net::new(vtep_ip(local.subnet), 32).expect("/32"),
             mtu: underlay.mtu - VXLAN_OVERHEAD,
-            vni: VXLAN_VNI,
-            port: VXLAN_PORT,
+            vni: local.vxlan.map_or(VXLAN_VNI, |v| v.vni),
+            port: local.vxlan.map_or(VXLAN_PORT, |v| v.port),
         });
     }
     let mut reachable: Vec<&Lease> = Vec::new();
@@ -176,7 +201,7 @@ pub fn plan(
         {
             p.problems.push(Problem {
                 peer: l.node.clone(),
-                reason: "PeerSubnetMismatch",
+                reason: Reason::PeerSubnetMismatch,
                 message: format!(
                     "peer {} leases {}, which is outside the cluster CIDR {cluster} or overlaps \
                      this node's {}: ignored",
@@ -195,7 +220,7 @@ pub fn plan(
         if peer.backend != local.backend {
             p.problems.push(Problem {
                 peer: peer.node.clone(),
-                reason: "PeerBackendMismatch",
+                reason: Reason::PeerBackendMismatch,
                 message: format!(
                     "peer {} runs the {} backend and this node {}: traffic between them can be \
                      lost; every node of a cluster needs the same --backend",
@@ -209,7 +234,7 @@ pub fn plan(
             if theirs != ours {
                 p.problems.push(Problem {
                     peer: peer.node.clone(),
-                    reason: "PeerVxlanMismatch",
+                    reason: Reason::PeerVxlanMismatch,
                     message: format!(
                         "peer {} tunnels with VNI {} on UDP {}, this node with VNI {} on UDP {}: \
                          the tunnel between them carries nothing; every node needs the same \
@@ -225,7 +250,7 @@ pub fn plan(
             BackendKind::HostGw => {
                 p.problems.push(Problem {
                     peer: peer.node.clone(),
-                    reason: "PeerNotOnLink",
+                    reason: Reason::PeerNotOnLink,
                     message: format!(
                         "peer {} ({}) is not on the underlay subnet {} of {}: host-gw cannot \
                          reach its pods {}; use the vxlan or directrouting backend",
@@ -292,7 +317,7 @@ mod tests {
         assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
         assert_eq!(
             (p.problems[0].peer.as_str(), p.problems[0].reason),
-            ("stray", "PeerSubnetMismatch")
+            ("stray", Reason::PeerSubnetMismatch)
         );
         assert!(p.problems[1].message.contains("overlap"));
     }
@@ -330,7 +355,7 @@ mod tests {
         );
         assert!(p.vxlan.is_none() && p.fdb.is_empty());
         assert_eq!(p.problems.len(), 1);
-        assert_eq!(p.problems[0].reason, "PeerNotOnLink");
+        assert_eq!(p.problems[0].reason, Reason::PeerNotOnLink);
         assert!(
             p.problems[0].message.contains("node3") && p.problems[0].message.contains("10.101.0.3")
         );
@@ -381,8 +406,8 @@ mod tests {
         assert_eq!(
             reasons,
             vec![
-                ("node2", "PeerBackendMismatch"),
-                ("node3", "PeerVxlanMismatch")
+                ("node2", Reason::PeerBackendMismatch),
+                ("node3", Reason::PeerVxlanMismatch)
             ]
         );
         assert!(p.problems[1].message.contains("8472"), "{}", p.problems[1]);

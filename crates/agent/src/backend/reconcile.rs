@@ -4,7 +4,7 @@
 //! Weft's (protocol `PEER_ROUTE_PROTOCOL`): a foreign route to a peer's subnet is reported as a
 //! conflict and left in place.
 
-use super::{Plan, Problem, Underlay, Via, VXLAN_DEVICE};
+use super::{Plan, Problem, Reason, Underlay, Via, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
 use std::net::{IpAddr, Ipv4Addr};
 use weft_net::{Error, Netlink, RouteSpec, VxlanAttrs, VxlanSpec, PEER_ROUTE_PROTOCOL};
@@ -107,7 +107,7 @@ pub async fn reconcile(
         if let Some(f) = foreign.iter().find(|f| f.dst == r.dst) {
             conflicts.push(Problem {
                 peer: r.peer.clone(),
-                reason: "RouteConflict",
+                reason: Reason::RouteConflict,
                 message: format!(
                     "a route to {} that is not Weft's (protocol {}{}) is in the main table: \
                      left alone, so peer {}'s pods are not reached through Weft until it is \
