@@ -11,23 +11,11 @@ use weft_agent::backend::{self, BackendKind, Underlay};
 use weft_agent::lease::Lease;
 use weft_net::{Netlink, Netns, ScratchNetns};
 
-const PREFIX: &str = "wtest-agent-";
+mod common;
 
-fn ip(ns: &ScratchNetns, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(&ns.name)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::ip;
+
+const PREFIX: &str = "wtest-agent-";
 
 struct Node {
     ns: ScratchNetns,
@@ -234,25 +222,24 @@ fn directrouting_on_one_segment_uses_routes_only() {
     );
 }
 
+/// Someone else's route to node2's pod subnet, e.g. a static route an operator added.
+const FOREIGN_ROUTE: &[&str] = &[
+    "route",
+    "add",
+    "10.244.2.0/24",
+    "via",
+    "10.100.0.2",
+    "proto",
+    "static",
+    "metric",
+    "50",
+];
+
 #[test]
 fn a_foreign_route_to_a_peer_subnet_is_left_alone_and_reported() {
     let (n1, n2) = two_nodes(BackendKind::HostGw);
     let leases = vec![n1.lease.clone(), n2.lease.clone()];
-    // Someone else's route to node2's pod subnet, e.g. a static route an operator added.
-    ip(
-        &n1.ns,
-        &[
-            "route",
-            "add",
-            "10.244.2.0/24",
-            "via",
-            "10.100.0.2",
-            "proto",
-            "static",
-            "metric",
-            "50",
-        ],
-    );
+    ip(&n1.ns, FOREIGN_ROUTE);
     let done = reconcile_in(BackendKind::HostGw, &n1, &leases);
     assert_eq!(done.changes, 0);
     assert_eq!(done.conflicts.len(), 1, "{:?}", done.conflicts);
@@ -284,20 +271,7 @@ fn a_foreign_route_to_a_peer_subnet_is_left_alone_and_reported() {
     let ours = ip(&n1.ns, &["route", "show", "proto", "202"]);
     assert!(ours.contains("10.244.2.0/24 via 10.100.0.2"), "{ours}");
     // A foreign route added later makes Weft step aside rather than compete with it.
-    ip(
-        &n1.ns,
-        &[
-            "route",
-            "add",
-            "10.244.2.0/24",
-            "via",
-            "10.100.0.2",
-            "proto",
-            "static",
-            "metric",
-            "50",
-        ],
-    );
+    ip(&n1.ns, FOREIGN_ROUTE);
     let done = reconcile_in(BackendKind::HostGw, &n1, &leases);
     assert_eq!((done.changes, done.conflicts.len()), (1, 1));
     assert_eq!(ip(&n1.ns, &["route", "show", "proto", "202"]).trim(), "");

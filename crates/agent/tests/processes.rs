@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::colliding_names;
+use common::{colliding_names, ip};
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -16,21 +16,6 @@ use weft_store::{SqliteStore, Store};
 
 const PREFIX: &str = "wtest-procs-";
 const AGENTS: u8 = 20;
-
-fn ip(ns: &ScratchNetns, args: &[&str]) {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(&ns.name)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The agents, killed and reaped however the test ends; then their namespaces and files go.
 struct Agents {

@@ -1,6 +1,8 @@
 //! Shared by the agent's integration tests.
+#![allow(dead_code)]
 
 use ipnet::Ipv4Net;
+use std::process::Command;
 use weft_agent::lease::candidates;
 
 /// `n` node names whose first-choice subnets in `cluster` (/24s) are one of only two, so that
@@ -15,4 +17,21 @@ pub fn colliding_names(cluster: Ipv4Net, n: usize) -> Vec<String> {
         .collect();
     assert_eq!(names.len(), n, "not enough colliding names");
     names
+}
+
+/// `ip -n NS ARGS`, which must succeed; its output.
+pub fn ip(ns: &weft_net::ScratchNetns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(&ns.name)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
