@@ -15,6 +15,7 @@ use crate::http::{self, Health};
 use crate::lease::{candidates, lease_key, Lease, VxlanSettings, LEASE_PREFIX};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -31,6 +32,8 @@ use weft_store::{Error as StoreError, LeaseId, Store};
 
 #[derive(Clone)]
 struct Metrics {
+    /// 1 for the subnet this node holds (label `subnet`).
+    lease: Family<Vec<(&'static str, String)>, Gauge>,
     peers: Gauge,
     peer_problems: Gauge,
     lease_renewals: Counter,
@@ -44,6 +47,7 @@ struct Metrics {
 impl Metrics {
     fn new() -> (Metrics, Registry) {
         let m = Metrics {
+            lease: Family::default(),
             peers: Gauge::default(),
             peer_problems: Gauge::default(),
             lease_renewals: Counter::default(),
@@ -54,6 +58,11 @@ impl Metrics {
             reconcile_seconds: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
         };
         let mut r = Registry::with_prefix("weft");
+        r.register(
+            "lease",
+            "The subnet this node holds (1 while held)",
+            m.lease.clone(),
+        );
         r.register("peers", "Peer nodes with a lease", m.peers.clone());
         r.register(
             "peer_problems",
@@ -442,6 +451,11 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             return leave_on_request(&cfg, &*store, &nl, &underlay, Some(id)).await;
         }
         let local = lease_rx.borrow_and_update().clone();
+        let held = vec![("subnet", local.subnet.to_string())];
+        if m.lease.get(&held).is_none() {
+            m.lease.clear();
+        }
+        m.lease.get_or_create(&held).set(1);
         let (peers, own_key): (Vec<Lease>, bool) = {
             let v = view.lock().expect("not poisoned");
             let peers = v

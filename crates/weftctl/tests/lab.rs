@@ -367,6 +367,8 @@ fn restart_drift_and_leave() {
     assert!(get("/readyz").starts_with("HTTP/1.1 200"));
     let metrics = get("/metrics");
     assert!(metrics.contains("weft_peers 2"), "{metrics}");
+    let held = format!("weft_lease{{subnet=\"{}\"}} 1", lab.subnet("node1"));
+    assert!(metrics.contains(&held), "{held}: {metrics}");
     assert!(
         metrics.contains("weft_reconcile_duration_seconds_count"),
         "{metrics}"
