@@ -1056,9 +1056,17 @@ fn spawn_responder(netns: &Path, pod: &str) -> Result<u32> {
     Ok(child.id())
 }
 
+/// Whether `pid` runs: it exists and is not a zombie waiting for its parent to reap it.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 fn pid_text(pid: Option<u32>) -> String {
     match pid {
-        Some(p) if Path::new("/proc").join(p.to_string()).exists() => p.to_string(),
+        Some(p) if alive(p) => p.to_string(),
         Some(p) => format!("{p} (gone)"),
         None => "-".into(),
     }
