@@ -276,6 +276,41 @@ pub async fn mirror<S: Store>(
     }
 }
 
+/// Grants a store lease and leases a subnet, trying again (1 s, doubling to 10 s) until both
+/// succeed. A store that is away when the agent starts is waited for here, serving /healthz and a
+/// 503 /readyz, rather than by exiting into a supervisor's growing restart back-off; whatever an
+/// earlier run left in the kernel keeps working meanwhile.
+async fn lease_until_done<S: Store>(
+    store: &S,
+    cfg: &Config,
+    underlay: &Underlay,
+) -> (LeaseId, Lease) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let attempt = async {
+            let id = store
+                .grant(cfg.lease_ttl)
+                .await
+                .map_err(|e| format!("granting a lease: {e}"))?;
+            match acquire(store, cfg, underlay, id).await {
+                Ok(l) => Ok((id, l)),
+                Err(e) => {
+                    let _ = store.revoke(id).await;
+                    Err(e)
+                }
+            }
+        };
+        match attempt.await {
+            Ok(done) => return done,
+            Err(e) => {
+                warn!("{e}; trying again in {} s", delay.as_secs());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
 /// Where `weftctl node leave` asks a node's agent to leave.
 pub const LEAVE_PREFIX: &str = "/weft/leave/";
 
@@ -376,11 +411,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         .map_err(|e| format!("--listen {}: {e}", cfg.listen))?;
     tokio::spawn(http::serve(listener, health.clone()));
 
-    let lease_id = store
-        .grant(cfg.lease_ttl)
-        .await
-        .map_err(|e| format!("granting a lease: {e}"))?;
-    let lease = acquire(&*store, &cfg, &underlay, lease_id).await?;
+    let (lease_id, lease) = lease_until_done(&*store, &cfg, &underlay).await;
     info!("leased {} (store lease {lease_id})", lease.subnet);
     write_subnet_env(&cfg, &lease, &underlay)?;
     weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;

@@ -544,22 +544,56 @@ fn etcd_outage_keeps_the_datapath_and_the_agents_catch_up() {
     let n2 = pod_ip(&lab, "n2p1");
     let mut stream = echo_stream(&lab, "n1p1", "n2p1", n2);
 
+    let s2 = lab.subnet("node2");
     lab.ok(&["store", "stop"]);
     // 30 s without the store: established streams and new connections keep working.
     let start = Instant::now();
+    let readyz = |node: &str| {
+        try_http_get(
+            &lab,
+            "n",
+            node,
+            SocketAddr::from(([127, 0, 0, 1], 9967)),
+            "/readyz",
+        )
+        .unwrap_or_default()
+    };
+    let mut restarted = false;
     while start.elapsed() < Duration::from_secs(30) {
         assert!(
             stream(),
             "stream broke {:?} into the outage",
             start.elapsed()
         );
+        if !restarted && start.elapsed() > Duration::from_secs(3) {
+            // An agent that starts while the store is away waits for it, not ready, without
+            // exiting and without touching the datapath.
+            lab.ok(&["node", "restart", "node2"]);
+            restarted = true;
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
+    assert!(
+        lab.agent_pid("node2").is_some(),
+        "node2's agent waits\n{}",
+        lab.logs()
+    );
+    assert!(
+        readyz("node2").starts_with("HTTP/1.1 503"),
+        "{}",
+        readyz("node2")
+    );
     assert!(
         lab.ok(&["check"]).contains("9 passed, 0 failed"),
         "new connections during the outage"
     );
     lab.ok(&["store", "start"]);
+    wait_for(
+        "node2's agent to get ready",
+        Duration::from_secs(20),
+        || readyz("node2").starts_with("HTTP/1.1 200"),
+    );
+    assert_eq!(lab.subnet("node2"), s2, "node2 kept its subnet");
 
     // The agents catch up: a node leaving after the outage is dropped by its peers.
     let s3 = lab.subnet("node3");
