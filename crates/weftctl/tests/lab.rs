@@ -482,6 +482,24 @@ fn restart_drift_and_leave() {
                 && fdb("node1").contains(&mac2)
         },
     );
+    // node3's agent, never restarted, has renewed its lease every third of the lab's 10 s TTL.
+    let renewals = || -> u64 {
+        let m = http_get(
+            &lab,
+            "n",
+            "node3",
+            SocketAddr::from(([127, 0, 0, 1], 9967)),
+            "/metrics",
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix("weft_lease_renewals_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no weft_lease_renewals_total in {m}"))
+    };
+    let before = renewals();
+    wait_for("a lease renewal", Duration::from_secs(5), || {
+        renewals() > before
+    });
 
     // node3 leaves: its subnet, route, neighbour and FDB entry vanish on the others within 5 s.
     let s3 = lab.subnet("node3");
