@@ -9,7 +9,7 @@
 //! Warning events (events.rs). `weftctl node leave` asks a running agent to leave by writing
 //! `/weft/leave/<node>`: the agent releases its lease, removes what it made and exits.
 
-use crate::backend::{self, reconcile::reconcile, BackendKind, Problem, Reason, Underlay};
+use crate::backend::{self, reconcile::reconcile, Problem, Reason, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::lease::{candidates, lease_key, Lease, VxlanSettings, LEASE_PREFIX};
@@ -279,35 +279,40 @@ pub async fn mirror<S: Store>(
 /// Grants a store lease and leases a subnet, trying again (1 s, doubling to 10 s) until both
 /// succeed. A store that is away when the agent starts is waited for here, serving /healthz and a
 /// 503 /readyz, rather than by exiting into a supervisor's growing restart back-off; whatever an
-/// earlier run left in the kernel keeps working meanwhile.
+/// earlier run left in the kernel keeps working meanwhile. So is a full cluster CIDR (a node may
+/// leave). A store that refuses the grant for good (not a connection problem: permissions, a
+/// read-only file) is an error: waiting would only hide it.
 async fn lease_until_done<S: Store>(
     store: &S,
     cfg: &Config,
     underlay: &Underlay,
-) -> (LeaseId, Lease) {
+) -> Result<(LeaseId, Lease), String> {
     let mut delay = Duration::from_secs(1);
     loop {
-        let attempt = async {
-            let id = store
-                .grant(cfg.lease_ttl)
-                .await
-                .map_err(|e| format!("granting a lease: {e}"))?;
-            match acquire(store, cfg, underlay, id).await {
-                Ok(l) => Ok((id, l)),
+        let failed = match store.grant(cfg.lease_ttl).await {
+            Err(e) if !e.is_retryable() => {
+                return Err(format!(
+                    "granting a store lease of {} s in {}: {e}",
+                    cfg.lease_ttl.as_secs(),
+                    cfg.store
+                ))
+            }
+            Err(e) => format!(
+                "granting a store lease of {} s in {}: {e}",
+                cfg.lease_ttl.as_secs(),
+                cfg.store
+            ),
+            Ok(id) => match acquire(store, cfg, underlay, id).await {
+                Ok(l) => return Ok((id, l)),
                 Err(e) => {
                     let _ = store.revoke(id).await;
-                    Err(e)
+                    e
                 }
-            }
+            },
         };
-        match attempt.await {
-            Ok(done) => return done,
-            Err(e) => {
-                warn!("{e}; trying again in {} s", delay.as_secs());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
+        error!("{failed}; trying again in {} s", delay.as_secs());
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -411,7 +416,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         .map_err(|e| format!("--listen {}: {e}", cfg.listen))?;
     tokio::spawn(http::serve(listener, health.clone()));
 
-    let (lease_id, lease) = lease_until_done(&*store, &cfg, &underlay).await;
+    let (lease_id, lease) = lease_until_done(&*store, &cfg, &underlay).await?;
     info!("leased {} (store lease {lease_id})", lease.subnet);
     write_subnet_env(&cfg, &lease, &underlay)?;
     weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
@@ -467,16 +472,19 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             .expect("not poisoned")
             .contains_key(&leave_key(&cfg.node_name))
         {
+            health.ready.store(false, Ordering::Relaxed);
             // Nothing may renew the lease or rewrite the table behind the leave: the lease
-            // keeper is cancelled, the Services task finishes a sync in flight and returns.
+            // keeper is cancelled, the Services task finishes a sync in flight and returns (an
+            // nft run cannot be cut short, so this waits for it however long it takes).
             keeper.abort();
             let _ = keeper.await;
             let _ = stop_services.send(true);
-            if tokio::time::timeout(Duration::from_secs(10), services)
+            let mut services = services;
+            while tokio::time::timeout(Duration::from_secs(10), &mut services)
                 .await
                 .is_err()
             {
-                warn!("the Services task did not stop within 10 s; leaving anyway");
+                warn!("leaving: waiting for the Services task to finish its sync");
             }
             let id = lease_id.load(Ordering::Relaxed);
             return leave_on_request(&cfg, &*store, &nl, &underlay, Some(id)).await;
@@ -610,11 +618,14 @@ async fn leave_on_request<S: Store>(
         Ok(()) => store.delete(&key).await.map(drop),
         Err(e) => match store.get(&key).await {
             Ok(Some(kv)) => {
-                let mut request: serde_json::Value =
-                    serde_json::from_slice(&kv.value).unwrap_or_else(|_| serde_json::json!({}));
+                let mut request: serde_json::Value = serde_json::from_slice(&kv.value)
+                    .ok()
+                    .filter(serde_json::Value::is_object)
+                    .unwrap_or_else(|| serde_json::json!({}));
                 request["error"] = e.clone().into();
+                // Without a TTL: the request stands, and the next start of the agent retries.
                 store
-                    .put(&key, request.to_string().as_bytes(), kv.lease)
+                    .put(&key, request.to_string().as_bytes(), None)
                     .await
                     .map(drop)
             }
@@ -653,31 +664,18 @@ async fn leave<S: Store>(
                 }
             }
         }
-        Err(e) => errors.push(format!("listing the leases: {e}")),
+        Err(e) => errors.push(format!("listing {LEASE_PREFIX}: {e}")),
     }
-    let subnet = released
-        .as_ref()
-        .map(|l| l.subnet)
-        .or_else(|| previous_subnet(cfg));
-    if let Some(subnet) = subnet {
-        let local = Lease {
-            node: cfg.node_name.clone(),
-            subnet,
-            underlay_ip: underlay.ip,
-            backend: BackendKind::HostGw,
-            vtep_mac: None,
-            vxlan: None,
-        };
-        let empty = backend::plan(BackendKind::HostGw, cfg.cluster_cidr, &local, underlay, &[]);
-        if let Err(e) = reconcile(nl, &empty, underlay).await {
-            errors.push(format!(
-                "removing the peer routes and {}: {e}",
-                backend::VXLAN_DEVICE
-            ));
-        }
+    // The empty plan: no peer routes, no VXLAN device. It needs no subnet, so a retried leave
+    // whose lease went in an earlier attempt still cleans up.
+    if let Err(e) = reconcile(nl, &backend::Plan::default(), underlay).await {
+        errors.push(format!(
+            "removing the peer routes and {}: {e}",
+            backend::VXLAN_DEVICE
+        ));
     }
     if let Err(e) = weft_services::nft::remove_table() {
-        errors.push(e);
+        errors.push(format!("removing table ip weft: {e}"));
     }
     for path in [
         cfg.run_dir.join(weft_plugin::config::SUBNET_FILE),

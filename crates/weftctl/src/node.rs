@@ -31,6 +31,10 @@ enum NodeCommand {
         /// Seconds to wait for the node's agent (1-300).
         #[arg(long, default_value_t = 15)]
         timeout: u64,
+        /// Drop a leave request that is still waiting for the node's agent (the node then joins
+        /// as usual when its agent starts).
+        #[arg(long)]
+        cancel: bool,
     },
 }
 
@@ -39,8 +43,14 @@ pub fn run(a: NodeArgs) -> i32 {
         node,
         store,
         timeout,
+        cancel,
     } = a.command;
-    match leave(&node, &store, timeout) {
+    let done = if cancel {
+        cancel_leave(&node, &store)
+    } else {
+        leave(&node, &store, timeout)
+    };
+    match done {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("weftctl node leave: {e}");
@@ -101,7 +111,7 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
             .await
             .map_err(|e| format!("writing {key}: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        while Instant::now() < deadline {
+        loop {
             let kv = store
                 .get(&key)
                 .await
@@ -114,16 +124,24 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
             if let Some(e) = answer["error"].as_str() {
                 return Err(format!(
                     "the agent on {node} could not leave: {e} (it tries again when it starts; \
-                     the request stays in {key})"
+                     the request stays in {key}; `weftctl node leave {node} --cancel` drops it)"
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            // The agent is away: the request stays, without a TTL, until it comes back and
+            // carries it out. Compared with what was just read, so that an answer the agent
+            // wrote meanwhile is not overwritten (the loop then reads it).
+            let kept = store
+                .cas(&key, kv.mod_revision, request.as_bytes(), None)
+                .await
+                .map_err(|e| format!("writing {key}: {e}"))?;
+            if kept.is_some() {
+                break;
+            }
         }
-        // The agent is away: the request stays until it comes back and carries it out.
-        store
-            .put(&key, request.as_bytes(), None)
-            .await
-            .map_err(|e| format!("writing {key}: {e}"))?;
         let _ = store.revoke(wait_lease).await;
         let mut released = Vec::new();
         for (kv, l) in node_leases(&store, node).await? {
@@ -145,6 +163,34 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
                 released.join(", ")
             }
         );
+        Ok(())
+    })
+}
+
+fn cancel_leave(node: &str, url: &str) -> Result<(), String> {
+    if !valid_node_name(node) {
+        return Err(format!(
+            "NODE: {node:?} is not a node name (lowercase letters, digits, '-' and '.')"
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let store = AnyStore::open(url)
+            .await
+            .map_err(|e| format!("--store {url}: {e}"))?;
+        let key = leave_key(node);
+        let gone = store
+            .delete(&key)
+            .await
+            .map_err(|e| format!("deleting {key}: {e}"))?;
+        if gone {
+            println!("dropped the leave request for {node}: its agent joins when it starts");
+        } else {
+            println!("no leave request for {node} was waiting");
+        }
         Ok(())
     })
 }

@@ -347,6 +347,38 @@ fn node_leave_and_lease_expiry() {
         "node1 dropped node2 {:?} after its agent died",
         killed.elapsed()
     );
+    let routed_to = |subnet: &str| {
+        lab.ip("node1", &["route", "show", subnet])
+            .contains("proto 202")
+    };
+    // Started again, it rejoins with the subnet its state file remembers.
+    lab.ok(&["node", "restart", "node2"]);
+    wait_for("node2 to rejoin", Duration::from_secs(10), || {
+        routed_to(&s2)
+    });
+    assert_eq!(lab.subnet("node2"), s2);
+
+    // A request waiting for a dead agent can be dropped: the agent then joins as usual.
+    let pid2 = lab.agent_pid("node2").expect("node2's agent runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid2 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (ok, text) = leave("node2", "1");
+    assert!(ok && text.contains("no agent on node2 answered"), "{text}");
+    let cancel = |node: &str| {
+        let out = lab.weftctl(&["node", "leave", node, "--store", &store, "--cancel"]);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(cancel("node2").contains("dropped the leave request for node2"));
+    assert!(cancel("node2").contains("no leave request for node2"));
+    lab.ok(&["node", "restart", "node2"]);
+    wait_for("node2 to join again", Duration::from_secs(10), || {
+        routed_to(&s2)
+    });
+    assert!(lab.agent_pid("node2").is_some(), "node2's agent stays");
 }
 
 #[test]
@@ -482,7 +514,8 @@ fn restart_drift_and_leave() {
                 && fdb("node1").contains(&mac2)
         },
     );
-    // node3's agent, never restarted, has renewed its lease every third of the lab's 10 s TTL.
+    // node3's agent, never restarted, renews its lease (every third of the lab's 10 s TTL) well
+    // within a TTL.
     let renewals = || -> u64 {
         let m = http_get(
             &lab,
@@ -497,7 +530,7 @@ fn restart_drift_and_leave() {
             .unwrap_or_else(|| panic!("no weft_lease_renewals_total in {m}"))
     };
     let before = renewals();
-    wait_for("a lease renewal", Duration::from_secs(5), || {
+    wait_for("a lease renewal", Duration::from_secs(10), || {
         renewals() > before
     });
 
@@ -608,7 +641,7 @@ fn etcd_outage_keeps_the_datapath_and_the_agents_catch_up() {
     lab.ok(&["store", "start"]);
     wait_for(
         "node2's agent to get ready",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || readyz("node2").starts_with("HTTP/1.1 200"),
     );
     assert_eq!(lab.subnet("node2"), s2, "node2 kept its subnet");
