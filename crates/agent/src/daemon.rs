@@ -280,8 +280,9 @@ pub async fn mirror<S: Store>(
 /// succeed. A store that is away when the agent starts is waited for here, serving /healthz and a
 /// 503 /readyz, rather than by exiting into a supervisor's growing restart back-off; whatever an
 /// earlier run left in the kernel keeps working meanwhile. So is a full cluster CIDR (a node may
-/// leave). A store that refuses the grant for good (not a connection problem: permissions, a
-/// read-only file) is an error: waiting would only hide it.
+/// leave). Settings that are not the cluster's (network.rs), and a store that refuses the grant
+/// for good (not a connection problem: permissions, a read-only file), are errors: waiting would
+/// only hide them.
 async fn lease_until_done<S: Store>(
     store: &S,
     cfg: &Config,
@@ -289,30 +290,54 @@ async fn lease_until_done<S: Store>(
 ) -> Result<(LeaseId, Lease), String> {
     let mut delay = Duration::from_secs(1);
     loop {
-        let failed = match store.grant(cfg.lease_ttl).await {
-            Err(e) if !e.is_retryable() => {
-                return Err(format!(
-                    "granting a store lease of {} s in {}: {e}",
-                    cfg.lease_ttl.as_secs(),
-                    cfg.store
-                ))
+        match lease_once(store, cfg, underlay).await {
+            Ok(done) => return Ok(done),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Again(e)) => {
+                error!("{e}; trying again in {} s", delay.as_secs());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Err(e) => format!(
-                "granting a store lease of {} s in {}: {e}",
-                cfg.lease_ttl.as_secs(),
-                cfg.store
-            ),
-            Ok(id) => match acquire(store, cfg, underlay, id).await {
-                Ok(l) => return Ok((id, l)),
-                Err(e) => {
-                    let _ = store.revoke(id).await;
-                    e
-                }
-            },
-        };
-        error!("{failed}; trying again in {} s", delay.as_secs());
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+/// How one try at leasing failed.
+enum Attempt {
+    /// Trying again cannot help.
+    Fatal(String),
+    Again(String),
+}
+
+async fn lease_once<S: Store>(
+    store: &S,
+    cfg: &Config,
+    underlay: &Underlay,
+) -> Result<(LeaseId, Lease), Attempt> {
+    crate::network::check(store, cfg)
+        .await
+        .map_err(|r| match r {
+            crate::network::Refused::Mismatch(e) => Attempt::Fatal(e),
+            crate::network::Refused::Store(e) => Attempt::Again(e),
+        })?;
+    let id = store.grant(cfg.lease_ttl).await.map_err(|e| {
+        let what = format!(
+            "granting a store lease of {} s in {}: {e}",
+            cfg.lease_ttl.as_secs(),
+            cfg.store
+        );
+        if e.is_retryable() {
+            Attempt::Again(what)
+        } else {
+            Attempt::Fatal(what)
+        }
+    })?;
+    match acquire(store, cfg, underlay, id).await {
+        Ok(l) => Ok((id, l)),
+        Err(e) => {
+            let _ = store.revoke(id).await;
+            Err(Attempt::Again(e))
+        }
     }
 }
 

@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod events;
 mod http;
 pub mod lease;
+pub mod network;
 mod services;
 mod underlay;

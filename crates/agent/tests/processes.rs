@@ -54,7 +54,8 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     // Names whose first-choice subnets collide (two first choices for all twenty), so that the
     // processes race for the same keys.
     let names = colliding_names("10.244.0.0/19".parse().unwrap(), AGENTS as usize);
-    for i in 0..AGENTS {
+    // One namespace more than agents: for a latecomer on other settings.
+    for i in 0..=AGENTS {
         let ns = ScratchNetns::new(PREFIX, &format!("n{i}")).unwrap();
         ip(&ns, &["link", "set", "lo", "up"]);
         ip(
@@ -79,13 +80,13 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         agents.namespaces.push(ns);
     }
     // All namespaces first, then every agent as fast as processes start, without --iface.
-    for (i, ns) in agents.namespaces.iter().enumerate() {
+    let spawn = |i: usize, name: &str, backend: &str| -> Child {
         let node = dir.join(format!("node{i}"));
         std::fs::create_dir_all(&node).unwrap();
         let log = std::fs::File::create(node.join("weftd.log")).unwrap();
-        let file = std::fs::File::open(ns.path()).unwrap();
+        let file = std::fs::File::open(agents.namespaces[i].path()).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftd"));
-        cmd.args(["--node-name", &names[i], "--backend", "host-gw"])
+        cmd.args(["--node-name", name, "--backend", backend])
             .arg("--store")
             .arg(format!("sqlite://{}", db.display()))
             .args(["--cluster-cidr", "10.244.0.0/19", "--lease-ttl", "10"])
@@ -103,8 +104,12 @@ fn twenty_agent_processes_share_one_sqlite_file() {
                     .map_err(std::io::Error::from)
             });
         }
-        agents.children.push(cmd.spawn().unwrap());
-    }
+        cmd.spawn().unwrap()
+    };
+    let started: Vec<Child> = (0..AGENTS as usize)
+        .map(|i| spawn(i, &names[i], "host-gw"))
+        .collect();
+    agents.children.extend(started);
     let logs = |agents: &Agents| {
         (0..AGENTS)
             .map(|i| {
@@ -167,4 +172,24 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     // No agent hit an error on the way (a busy database, a lost race it could not recover from).
     let all = logs(&agents);
     assert!(!all.contains("ERROR"), "{all}");
+
+    // The first agent recorded the cluster's settings; a latecomer on another backend is refused
+    // at start, with both values named, and leases nothing.
+    let late = AGENTS as usize;
+    let mut child = spawn(late, "late", "vxlan");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the latecomer did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(dir.join(format!("node{late}/weftd.log"))).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("--backend vxlan (the cluster's: host-gw)"),
+        "{log}"
+    );
+    assert!(!dir.join(format!("node{late}/run/subnet.env")).exists());
 }
