@@ -350,11 +350,11 @@ pub fn leave_key(node: &str) -> String {
 
 /// Renews the lease every third of its TTL. If the store lost it (expired while the store or
 /// this agent was away), leases again, preferring the same subnet, and publishes the result.
-/// `lease_id` always holds the store lease in use.
+/// `lease_id` always holds the store lease in use; `underlay` the underlay as last seen.
 async fn keep_lease<S: Store>(
     store: Arc<S>,
     cfg: Config,
-    underlay: Underlay,
+    underlay: Arc<Mutex<Underlay>>,
     lease_id: Arc<AtomicI64>,
     current: watch::Sender<Lease>,
     m: Metrics,
@@ -374,6 +374,7 @@ async fn keep_lease<S: Store>(
             Err(StoreError::LeaseNotFound(_)) => {
                 m.lease_renew_errors.inc();
                 warn!("the store lost lease {id}; leasing again");
+                let underlay = underlay.lock().expect("not poisoned").clone();
                 let again = async {
                     let id = store
                         .grant(cfg.lease_ttl)
@@ -448,12 +449,14 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
 
     let (lease_tx, mut lease_rx) = watch::channel(lease);
     let lease_id = Arc::new(AtomicI64::new(lease_id));
+    let mut underlay = underlay;
+    let seen_underlay = Arc::new(Mutex::new(underlay.clone()));
     let keeper = tokio::spawn(keep_lease(
         store.clone(),
         cfg.clone(),
-        underlay.clone(),
+        seen_underlay.clone(),
         lease_id.clone(),
-        lease_tx,
+        lease_tx.clone(),
         m.clone(),
     ));
     let (stop_services, stop) = watch::channel(false);
@@ -490,8 +493,13 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     let mut last_problems: Vec<Problem> = Vec::new();
     // The store lease the published events are attached to (None: publish again).
     let mut published: Option<LeaseId> = None;
-    let mut last_sysctl = Instant::now() - cfg.resync;
+    let mut last_check = Instant::now() - cfg.resync;
     loop {
+        if keeper.is_finished() {
+            return Err(
+                "the lease keeper stopped; exiting so that a supervisor restarts weftd".into(),
+            );
+        }
         if leave_requests
             .lock()
             .expect("not poisoned")
@@ -514,24 +522,63 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             let id = lease_id.load(Ordering::Relaxed);
             return leave_on_request(&cfg, &*store, &nl, &underlay, Some(id)).await;
         }
+        if last_check.elapsed() >= cfg.resync {
+            last_check = Instant::now();
+            // Forwarding is part of the datapath the drift check keeps.
+            if let Err(e) = weft_net::sysctl::set("net.ipv4.ip_forward", "1") {
+                error!("{e}");
+            }
+            // So is the underlay: a node whose address changed (DHCP, a re-plumbed NIC) tells
+            // its peers through its lease, and remakes weft.vxlan on the new address.
+            match crate::underlay::detect(&nl, cfg.iface.as_deref()).await {
+                Ok(now) if now != underlay => {
+                    warn!(
+                        "the underlay changed: {} {} ({}, MTU {}) is now {} {} ({}, MTU {})",
+                        underlay.name,
+                        underlay.ip,
+                        underlay.net,
+                        underlay.mtu,
+                        now.name,
+                        now.ip,
+                        now.net,
+                        now.mtu
+                    );
+                    let mtu_changed = now.mtu != underlay.mtu;
+                    underlay = now;
+                    *seen_underlay.lock().expect("not poisoned") = underlay.clone();
+                    lease_tx.send_modify(|l| l.underlay_ip = underlay.ip);
+                    if mtu_changed {
+                        // For pods made from now on; running pods keep their MTU.
+                        if let Err(e) = write_subnet_env(&cfg, &lease_rx.borrow(), &underlay) {
+                            error!("{e}");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!("checking the underlay (keeping {}): {e}", underlay.ip),
+            }
+        }
         let local = lease_rx.borrow_and_update().clone();
         let held = vec![("subnet", local.subnet.to_string())];
         if m.lease.get(&held).is_none() {
             m.lease.clear();
         }
         m.lease.get_or_create(&held).set(1);
-        let (peers, own_key): (Vec<Lease>, bool) = {
+        let (peers, own): (Vec<Lease>, Option<Lease>) = {
             let v = view.lock().expect("not poisoned");
             let peers = v
                 .values()
                 .filter_map(|v| serde_json::from_slice(v).ok())
                 .collect();
-            (peers, v.contains_key(&lease_key(local.subnet)))
+            let own = v
+                .get(&lease_key(local.subnet))
+                .and_then(|v| serde_json::from_slice(v).ok());
+            (peers, own)
         };
-        if !own_key {
-            // Deleted by hand (or expired, and the lease keeper is leasing again): without it the
-            // peers drop their routes to this node's pods. Level-triggered, so put it back.
-            restore_lease(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
+        if own.as_ref() != Some(&local) {
+            // Deleted by hand (or expired, and the lease keeper is leasing again), or stale (the
+            // underlay changed): the peers route by this record. Level-triggered, so fix it.
+            sync_lease_record(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
         }
         let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
         m.peers
@@ -590,36 +637,42 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 Err(_) => warn!("publishing events: the store did not answer within 2 s"),
             }
         }
-        if last_sysctl.elapsed() >= cfg.resync {
-            last_sysctl = Instant::now();
-            // Forwarding is part of the datapath the drift check keeps.
-            if let Err(e) = weft_net::sysctl::set("net.ipv4.ip_forward", "1") {
-                error!("{e}");
-            }
-        }
         tokio::select! {
             _ = changed.notified() => {}
-            changed = lease_rx.changed() => {
-                if changed.is_err() {
-                    return Err("the lease keeper stopped; exiting so that a supervisor restarts weftd".into());
-                }
-            }
+            _ = lease_rx.changed() => {}
             _ = tokio::time::sleep(cfg.resync) => {}
         }
     }
 }
 
-/// Puts this node's lease record back where it was deleted. A compare-and-swap against absence:
-/// if another agent (or this one's lease keeper) wrote the key meanwhile, that write stands.
-async fn restore_lease<S: Store>(store: &S, local: &Lease, lease_id: LeaseId) {
+/// Makes this node's lease record say `local` again: puts it back where it was deleted, or
+/// rewrites this node's own stale record. Compare-and-swap throughout: if another agent (or this
+/// one's lease keeper) wrote the key meanwhile, that write stands, and a record of another node
+/// is never overwritten.
+async fn sync_lease_record<S: Store>(store: &S, local: &Lease, lease_id: LeaseId) {
+    let key = lease_key(local.subnet);
     let json = serde_json::to_vec(local).expect("serializable");
-    match store
-        .cas(&lease_key(local.subnet), 0, &json, Some(lease_id))
-        .await
-    {
-        Ok(Some(_)) => warn!("the lease record of {} was gone; put it back", local.subnet),
+    let expected = match store.get(&key).await {
+        Ok(None) => 0,
+        Ok(Some(kv)) => match serde_json::from_slice::<Lease>(&kv.value) {
+            Ok(l) if l.node == local.node => kv.mod_revision,
+            _ => return,
+        },
+        Err(e) => {
+            warn!("reading the lease record {key}: {e}");
+            return;
+        }
+    };
+    match store.cas(&key, expected, &json, Some(lease_id)).await {
+        Ok(Some(_)) if expected == 0 => {
+            warn!("the lease record of {} was gone; put it back", local.subnet)
+        }
+        Ok(Some(_)) => info!(
+            "updated the lease record of {} (underlay {})",
+            local.subnet, local.underlay_ip
+        ),
         Ok(None) => {}
-        Err(e) => warn!("putting back the lease record of {}: {e}", local.subnet),
+        Err(e) => warn!("writing the lease record {key}: {e}"),
     }
 }
 

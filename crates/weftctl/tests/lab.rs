@@ -571,6 +571,29 @@ fn restart_drift_and_leave() {
     assert!(!links.contains("weft.vxlan"), "{links}");
     let table = lab.run(&["exec", "node3", "--", "nft", "list", "table", "ip", "weft"]);
     assert!(!table.status.success(), "node3's nft table is gone");
+
+    // node2's underlay address changes (a new DHCP lease, say): its agent notices on its next
+    // check and republishes its lease; node1's FDB entry follows, and the pods talk again.
+    lab.ip("node2", &["addr", "del", "10.100.0.12/24", "dev", "eth0"]);
+    lab.ip("node2", &["addr", "add", "10.100.0.22/24", "dev", "eth0"]);
+    lab.ip("node2", &["route", "add", "default", "via", "10.100.0.1"]);
+    let moved = Instant::now();
+    wait_for(
+        "node1's FDB entry to follow node2's new address",
+        Duration::from_secs(15),
+        || fdb("node1").contains(&format!("{mac2} dst 10.100.0.22")),
+    );
+    wait_for("the stream to flow again", Duration::from_secs(10), || {
+        stream()
+    });
+    eprintln!(
+        "node1 followed node2's new address {:?} later",
+        moved.elapsed()
+    );
+    let d = lab.ip("node2", &["-d", "link", "show", "weft.vxlan"]);
+    assert!(d.contains("local 10.100.0.22"), "{d}");
+    let addr = SocketAddr::from((n2, 80));
+    assert_eq!(ask(&lab, "p", "n1p1", addr).unwrap(), "n2p1");
 }
 
 #[test]
