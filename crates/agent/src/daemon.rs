@@ -317,8 +317,8 @@ async fn lease_once<S: Store>(
     crate::network::check(store, cfg)
         .await
         .map_err(|r| match r {
-            crate::network::Refused::Mismatch(e) => Attempt::Fatal(e),
-            crate::network::Refused::Store(e) => Attempt::Again(e),
+            crate::network::Refused::Fatal(e) => Attempt::Fatal(e),
+            crate::network::Refused::Again(e) => Attempt::Again(e),
         })?;
     let id = store.grant(cfg.lease_ttl).await.map_err(|e| {
         let what = format!(
@@ -380,12 +380,14 @@ async fn keep_lease<S: Store>(
                         .grant(cfg.lease_ttl)
                         .await
                         .map_err(|e| e.to_string())?;
+                    // Before the record is written with it: the main loop tells its own record
+                    // from another agent's by this id.
+                    lease_id.store(id, Ordering::Relaxed);
                     let l = acquire(&*store, &cfg, &underlay, id).await?;
                     Ok::<_, String>((id, l))
                 };
                 match again.await {
-                    Ok((id, l)) => {
-                        lease_id.store(id, Ordering::Relaxed);
+                    Ok((_, l)) => {
                         if l.subnet != current.borrow().subnet {
                             error!(
                                 "this node's subnet changed to {} (the old one was taken)",
@@ -530,7 +532,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             }
             // So is the underlay: a node whose address changed (DHCP, a re-plumbed NIC) tells
             // its peers through its lease, and remakes weft.vxlan on the new address.
-            match crate::underlay::detect(&nl, cfg.iface.as_deref()).await {
+            match crate::underlay::detect_again(&nl, cfg.iface.as_deref(), &underlay).await {
                 Ok(now) if now != underlay => {
                     warn!(
                         "the underlay changed: {} {} ({}, MTU {}) is now {} {} ({}, MTU {})",
@@ -546,7 +548,6 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                     let mtu_changed = now.mtu != underlay.mtu;
                     underlay = now;
                     *seen_underlay.lock().expect("not poisoned") = underlay.clone();
-                    lease_tx.send_modify(|l| l.underlay_ip = underlay.ip);
                     if mtu_changed {
                         // For pods made from now on; running pods keep their MTU.
                         if let Err(e) = write_subnet_env(&cfg, &lease_rx.borrow(), &underlay) {
@@ -557,6 +558,11 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 Ok(_) => {}
                 Err(e) => warn!("checking the underlay (keeping {}): {e}", underlay.ip),
             }
+        }
+        // The lease says where peers reach this node. The lease keeper may have leased again
+        // with the underlay it knew when it started, so this is checked on every pass.
+        if lease_rx.borrow().underlay_ip != underlay.ip {
+            lease_tx.send_modify(|l| l.underlay_ip = underlay.ip);
         }
         let local = lease_rx.borrow_and_update().clone();
         let held = vec![("subnet", local.subnet.to_string())];
@@ -575,10 +581,12 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 .and_then(|v| serde_json::from_slice(v).ok());
             (peers, own)
         };
+        let mut record_problem = None;
         if own.as_ref() != Some(&local) {
             // Deleted by hand (or expired, and the lease keeper is leasing again), or stale (the
             // underlay changed): the peers route by this record. Level-triggered, so fix it.
-            sync_lease_record(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
+            record_problem =
+                sync_lease_record(&*store, &local, lease_id.load(Ordering::Relaxed)).await;
         }
         let plan = backend::plan(cfg.backend, cfg.cluster_cidr, &local, &underlay, &peers);
         m.peers
@@ -586,6 +594,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         let start = Instant::now();
         m.reconciles.inc();
         let mut problems = plan.problems.clone();
+        problems.extend(record_problem);
         match reconcile(&nl, &plan, &underlay).await {
             Ok(done) => {
                 m.reconcile_changes.inc_by(done.changes as u64);
@@ -637,30 +646,49 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 Err(_) => warn!("publishing events: the store did not answer within 2 s"),
             }
         }
+        // Woken by a change, or at the next drift check (which events do not put off).
+        let next_check = cfg.resync.saturating_sub(last_check.elapsed());
         tokio::select! {
             _ = changed.notified() => {}
             _ = lease_rx.changed() => {}
-            _ = tokio::time::sleep(cfg.resync) => {}
+            _ = tokio::time::sleep(next_check.max(Duration::from_millis(10))) => {}
         }
     }
 }
 
 /// Makes this node's lease record say `local` again: puts it back where it was deleted, or
-/// rewrites this node's own stale record. Compare-and-swap throughout: if another agent (or this
-/// one's lease keeper) wrote the key meanwhile, that write stands, and a record of another node
-/// is never overwritten.
-async fn sync_lease_record<S: Store>(store: &S, local: &Lease, lease_id: LeaseId) {
+/// rewrites its own stale record (one on this agent's store lease). Compare-and-swap throughout:
+/// if another agent (or this one's lease keeper) wrote the key meanwhile, that write stands. A
+/// record of another agent is never overwritten; one under this node's name is a problem to
+/// report (two nodes with one name fight over it).
+async fn sync_lease_record<S: Store>(
+    store: &S,
+    local: &Lease,
+    lease_id: LeaseId,
+) -> Option<Problem> {
     let key = lease_key(local.subnet);
     let json = serde_json::to_vec(local).expect("serializable");
     let expected = match store.get(&key).await {
         Ok(None) => 0,
         Ok(Some(kv)) => match serde_json::from_slice::<Lease>(&kv.value) {
-            Ok(l) if l.node == local.node => kv.mod_revision,
-            _ => return,
+            Ok(l) if l == *local => return None,
+            Ok(_) if kv.lease == Some(lease_id) => kv.mod_revision,
+            Ok(l) if l.node == local.node => {
+                return Some(Problem {
+                    peer: local.node.clone(),
+                    reason: Reason::NodeNameTaken,
+                    message: format!(
+                        "another agent holds {key} under this node's name {} (underlay {}): \
+                         two nodes share the name; give each its own --node-name",
+                        l.node, l.underlay_ip
+                    ),
+                })
+            }
+            _ => return None,
         },
         Err(e) => {
             warn!("reading the lease record {key}: {e}");
-            return;
+            return None;
         }
     };
     match store.cas(&key, expected, &json, Some(lease_id)).await {
@@ -674,6 +702,7 @@ async fn sync_lease_record<S: Store>(store: &S, local: &Lease, lease_id: LeaseId
         Ok(None) => {}
         Err(e) => warn!("writing the lease record {key}: {e}"),
     }
+    None
 }
 
 /// Carries out `weftctl node leave`: leaves, revokes the agent's store lease (`lease`; its

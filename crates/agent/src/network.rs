@@ -5,7 +5,7 @@
 
 use crate::backend::BackendKind;
 use crate::config::Config;
-use crate::lease::VxlanSettings;
+use crate::lease::{Lease, VxlanSettings, LEASE_PREFIX};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use weft_store::Store;
@@ -35,7 +35,8 @@ impl NetworkConfig {
         }
     }
 
-    /// What differs from `cluster`, each as "--flag ours (the cluster's: theirs)".
+    /// What differs from `cluster`, each as "--flag ours (the cluster's: theirs)". A cluster record
+    /// without VXLAN settings (written by hand) means the defaults.
     fn differences(&self, cluster: &NetworkConfig) -> Vec<String> {
         let mut d = Vec::new();
         if self.cluster_cidr != cluster.cluster_cidr {
@@ -57,7 +58,14 @@ impl NetworkConfig {
                 cluster.backend.as_str()
             ));
         }
-        if let (Some(ours), Some(theirs)) = (self.vxlan, cluster.vxlan) {
+        let defaults = VxlanSettings {
+            vni: crate::backend::VXLAN_VNI,
+            port: crate::backend::VXLAN_PORT,
+        };
+        let theirs = cluster
+            .vxlan
+            .or(cluster.backend.uses_vxlan().then_some(defaults));
+        if let (Some(ours), Some(theirs)) = (self.vxlan, theirs) {
             if ours.vni != theirs.vni {
                 d.push(format!(
                     "--vxlan-vni {} (the cluster's: {})",
@@ -73,52 +81,111 @@ impl NetworkConfig {
         }
         d
     }
+
+    /// What differs in a peer's lease: its backend, VXLAN settings, or a subnet that is not one of
+    /// ours. Used before the cluster has a record (an upgrade from an agent that wrote none).
+    fn differences_from_lease(&self, l: &Lease) -> Vec<String> {
+        let mut d = Vec::new();
+        if l.backend != self.backend {
+            d.push(format!(
+                "node {} runs backend {} (this node: {})",
+                l.node,
+                l.backend.as_str(),
+                self.backend.as_str()
+            ));
+        }
+        if let (Some(ours), Some(theirs)) = (self.vxlan, l.vxlan) {
+            if ours != theirs {
+                d.push(format!(
+                    "node {} tunnels with VNI {} on UDP {} (this node: VNI {} on UDP {})",
+                    l.node, theirs.vni, theirs.port, ours.vni, ours.port
+                ));
+            }
+        }
+        if !self.cluster_cidr.contains(&l.subnet) || l.subnet.prefix_len() != self.subnet_len {
+            d.push(format!(
+                "node {} leases {} (this node: /{} subnets of {})",
+                l.node, l.subnet, self.subnet_len, self.cluster_cidr
+            ));
+        }
+        d
+    }
 }
 
 /// Why the check did not pass.
 #[derive(Debug)]
 pub enum Refused {
-    /// This agent's settings are not the cluster's: it must not start.
-    Mismatch(String),
+    /// Trying again cannot help: this agent's settings are not the cluster's, or the store
+    /// refuses for good. The agent must not start.
+    Fatal(String),
     /// The store could not be asked; try again.
-    Store(String),
+    Again(String),
+}
+
+fn store_error(what: String, e: weft_store::Error) -> Refused {
+    if e.is_retryable() {
+        Refused::Again(format!("{what}: {e}"))
+    } else {
+        Refused::Fatal(format!("{what}: {e}"))
+    }
 }
 
 /// Writes this agent's settings as the cluster's if none are stored yet (compare-and-swap
 /// against absence, so of agents starting together one writes and the others compare), else
-/// compares with them.
+/// compares with them. Before the first write, the leases already in the store (a cluster of
+/// agents that kept no record) must agree too, so that an odd node upgraded first cannot impose
+/// its settings on the others.
 pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<(), Refused> {
     let ours = NetworkConfig::of(cfg);
     for _ in 0..3 {
         let stored = store
             .get(NETWORK_KEY)
             .await
-            .map_err(|e| Refused::Store(format!("reading {NETWORK_KEY}: {e}")))?;
+            .map_err(|e| store_error(format!("reading {NETWORK_KEY}"), e))?;
         let Some(kv) = stored else {
+            let (leases, _) = store
+                .list(LEASE_PREFIX)
+                .await
+                .map_err(|e| store_error(format!("listing {LEASE_PREFIX}"), e))?;
+            let d: Vec<String> = leases
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<Lease>(&kv.value).ok())
+                .filter(|l| l.node != cfg.node_name)
+                .flat_map(|l| ours.differences_from_lease(&l))
+                .collect();
+            if !d.is_empty() {
+                return Err(Refused::Fatal(format!(
+                    "the cluster has no {NETWORK_KEY} yet, and its leases disagree with this \
+                     node's settings: {}; start a node with the settings the others run first",
+                    d.join(", ")
+                )));
+            }
             let json = serde_json::to_vec(&ours).expect("serializable");
             match store.cas(NETWORK_KEY, 0, &json, None).await {
                 Ok(Some(_)) => return Ok(()),
                 Ok(None) => continue,
-                Err(e) => return Err(Refused::Store(format!("writing {NETWORK_KEY}: {e}"))),
+                Err(e) => return Err(store_error(format!("writing {NETWORK_KEY}"), e)),
             }
         };
         let cluster: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
-            Refused::Mismatch(format!(
-                "{NETWORK_KEY} in the store is not a NetworkConfig ({e}); fix or delete it"
+            Refused::Fatal(format!(
+                "{NETWORK_KEY} in the store is not a NetworkConfig ({e}); fix it, or reset it \
+                 with `weftctl network reset`"
             ))
         })?;
         let d = ours.differences(&cluster);
         return if d.is_empty() {
             Ok(())
         } else {
-            Err(Refused::Mismatch(format!(
+            Err(Refused::Fatal(format!(
                 "this node's network settings are not the cluster's ({NETWORK_KEY}): {}; give the \
-                 cluster's, or change the cluster's by deleting the key once every node agrees",
+                 cluster's, or change the cluster's with `weftctl network reset` and then restart \
+                 every node with the new settings",
                 d.join(", ")
             )))
         };
     }
-    Err(Refused::Store(format!(
+    Err(Refused::Again(format!(
         "{NETWORK_KEY} kept changing while it was read"
     )))
 }
@@ -162,7 +229,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-            let Refused::Mismatch(m) = e else {
+            let Refused::Fatal(m) = e else {
                 panic!("{e:?}")
             };
             for part in [
@@ -176,9 +243,47 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(
-                matches!(&e, Refused::Mismatch(m) if m.contains("--cluster-cidr 10.50.0.0/16 (the cluster's: 10.244.0.0/16)")),
+                matches!(&e, Refused::Fatal(m) if m.contains("--cluster-cidr 10.50.0.0/16 (the cluster's: 10.244.0.0/16)")),
                 "{e:?}"
             );
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn without_a_record_the_leases_must_agree() {
+        let dir = std::env::temp_dir().join(format!("weft-netconf-up-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = weft_store::SqliteStore::open(dir.join("s.db")).await.unwrap();
+            // A cluster of agents that kept no record: node2 runs host-gw.
+            let other = Lease {
+                node: "n2".into(),
+                subnet: "10.244.7.0/24".parse().unwrap(),
+                underlay_ip: "10.100.0.2".parse().unwrap(),
+                backend: BackendKind::HostGw,
+                vtep_mac: None,
+                vxlan: None,
+            };
+            let key = crate::lease::lease_key(other.subnet);
+            store
+                .put(&key, &serde_json::to_vec(&other).unwrap(), None)
+                .await
+                .unwrap();
+            let e = check(&store, &cfg(&[])).await.unwrap_err();
+            assert!(
+                matches!(&e, Refused::Fatal(m) if m.contains("node n2 runs backend host-gw (this node: vxlan)")),
+                "{e:?}"
+            );
+            assert!(store.get(NETWORK_KEY).await.unwrap().is_none(), "nothing written");
+            // The node that agrees writes the record.
+            check(&store, &cfg(&["--backend", "host-gw"])).await.unwrap();
+            assert!(store.get(NETWORK_KEY).await.unwrap().is_some());
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -4,6 +4,33 @@ use crate::backend::Underlay;
 use ipnet::{IpNet, Ipv4Net};
 use weft_net::Netlink;
 
+/// The underlay again, for a running agent: the current interface and address while the
+/// interface still holds the address (with its MTU as it is now), so that a default route moving
+/// to a backup link or a second address on the link does not move the node; else detected anew.
+pub async fn detect_again(
+    nl: &Netlink,
+    iface: Option<&str>,
+    current: &Underlay,
+) -> Result<Underlay, String> {
+    if let Some(link) = nl.link(&current.name).await.map_err(|e| e.to_string())? {
+        let addresses = nl.addresses(link.index).await.map_err(|e| e.to_string())?;
+        let still = addresses.iter().find_map(|a| match a {
+            IpNet::V4(v4) if v4.addr() == current.ip => Some(*v4),
+            _ => None,
+        });
+        if let Some(net) = still {
+            return Ok(Underlay {
+                index: link.index,
+                name: link.name,
+                ip: net.addr(),
+                net: Ipv4Net::new(net.network(), net.prefix_len()).expect("valid"),
+                mtu: link.mtu,
+            });
+        }
+    }
+    detect(nl, iface).await
+}
+
 pub async fn detect(nl: &Netlink, iface: Option<&str>) -> Result<Underlay, String> {
     let link = match iface {
         Some(name) => nl

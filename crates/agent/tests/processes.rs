@@ -176,10 +176,10 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     // The first agent recorded the cluster's settings; a latecomer on another backend is refused
     // at start, with both values named, and leases nothing.
     let late = AGENTS as usize;
-    let mut child = spawn(late, "late", "vxlan");
+    agents.children.push(spawn(late, "late", "vxlan"));
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = agents.children.last_mut().unwrap().try_wait().unwrap() {
             break st;
         }
         assert!(Instant::now() < deadline, "the latecomer did not exit");
@@ -192,4 +192,39 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         "{log}"
     );
     assert!(!dir.join(format!("node{late}/run/subnet.env")).exists());
+
+    // A second node under the first one's name takes its record at start (a restart looks the
+    // same). The first agent says so, and does not take it back: no write war in the store.
+    agents.children.push(spawn(late, &names[0], "host-gw"));
+    let first_log = dir.join("node0/weftd.log");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&first_log)
+        .unwrap()
+        .contains("two nodes share the name")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node0 did not report the name clash\n{}",
+            logs(&agents)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let record = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let store = SqliteStore::open(&db).await.unwrap();
+            let (kvs, _) = store.list(LEASE_PREFIX).await.unwrap();
+            kvs.into_iter()
+                .find(|kv| serde_json::from_slice::<Lease>(&kv.value).unwrap().node == names[0])
+                .unwrap()
+        })
+    };
+    let taken = record(&rt);
+    let l: Lease = serde_json::from_slice(&taken.value).unwrap();
+    assert_eq!(l.underlay_ip.to_string(), format!("10.100.0.{}", 10 + late));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        record(&rt).mod_revision,
+        taken.mod_revision,
+        "nobody rewrote it"
+    );
 }

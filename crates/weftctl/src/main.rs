@@ -1,6 +1,7 @@
 //! `weftctl`: the operator CLI: the lab, a node's leave, and what a node programs for Services.
 
 mod lab;
+mod network;
 mod node;
 mod services;
 
@@ -19,6 +20,8 @@ enum Command {
     Lab(lab::LabArgs),
     /// Take a node out of the cluster's network.
     Node(node::NodeArgs),
+    /// The cluster's network settings as the agents recorded them: show, or reset to change them.
+    Network(network::NetworkArgs),
     /// Services as this node programs them: frontends, endpoints, connection counters.
     Services(services::ServicesArgs),
 }
@@ -36,6 +39,7 @@ fn main() {
     let code = match cli.command {
         Command::Lab(args) => lab::run(args),
         Command::Node(args) => node::run(args),
+        Command::Network(args) => network::run(args),
         Command::Services(args) => services::run(args),
     };
     std::process::exit(code);

@@ -255,6 +255,36 @@ fn node_leave_and_lease_expiry() {
         })
     };
 
+    // The agents recorded the cluster's network settings; reset forgets them, and the next agent
+    // to start records its own again.
+    let network = |cmd: &str| {
+        let out = lab.weftctl(&["network", cmd, "--store", &store]);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, shown) = network("show");
+    assert!(
+        ok && shown.contains(r#""backend":"host-gw""#) && shown.contains("10.244.0.0/16"),
+        "{shown}"
+    );
+    assert!(network("reset")
+        .1
+        .contains("forgot the cluster's network settings"));
+    let (ok, shown) = network("show");
+    assert!(!ok && shown.contains("no /weft/config/network"), "{shown}");
+    lab.ok(&["node", "restart", "node1"]);
+    wait_for(
+        "node1's agent to record the settings again",
+        Duration::from_secs(10),
+        || network("show").0,
+    );
+
     // node1's lease record deleted by hand: its agent puts it back, and the peers route to it again.
     let record1 = format!("/weft/leases/{}", s1.replace('/', "-"));
     store_key(&record1, true);

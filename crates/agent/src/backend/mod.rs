@@ -141,6 +141,8 @@ pub enum Reason {
     PeerVxlanMismatch,
     /// A route that is not Weft's holds the peer subnet's destination.
     RouteConflict,
+    /// Another agent holds this node's lease record under the same node name.
+    NodeNameTaken,
 }
 
 impl Reason {
@@ -151,6 +153,7 @@ impl Reason {
             Reason::PeerBackendMismatch => "PeerBackendMismatch",
             Reason::PeerVxlanMismatch => "PeerVxlanMismatch",
             Reason::RouteConflict => "RouteConflict",
+            Reason::NodeNameTaken => "NodeNameTaken",
         }
     }
 }
