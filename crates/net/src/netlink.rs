@@ -128,6 +128,24 @@ pub struct VxlanSpec {
     pub mtu: u32,
 }
 
+impl VxlanSpec {
+    /// Whether `link` is this device as `add_vxlan` makes it, as far as the kernel reports it
+    /// back: kind, MAC, MTU, VNI, port, local address, parent, and learning off.
+    pub fn matches(&self, link: &Link) -> bool {
+        let made_as = VxlanAttrs {
+            vni: Some(self.vni),
+            port: Some(self.port),
+            local: Some(self.local),
+            dev: Some(self.dev),
+            learning: Some(false),
+        };
+        link.kind.as_deref() == Some("vxlan")
+            && link.mac == Some(self.mac)
+            && link.mtu == self.mtu
+            && link.vxlan.as_ref() == Some(&made_as)
+    }
+}
+
 /// An IPv4 route as Weft installs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {

@@ -7,7 +7,7 @@
 use super::{Plan, Problem, Reason, Underlay, Via, VXLAN_DEVICE};
 use ipnet::Ipv4Net;
 use std::net::{IpAddr, Ipv4Addr};
-use weft_net::{Error, Netlink, RouteSpec, VxlanAttrs, VxlanSpec, PEER_ROUTE_PROTOCOL};
+use weft_net::{Error, Netlink, RouteSpec, VxlanSpec, PEER_ROUTE_PROTOCOL};
 
 /// What a reconcile pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -38,22 +38,10 @@ pub async fn reconcile(
                 mac: v.mac,
                 mtu: v.mtu,
             };
-            let made_as = VxlanAttrs {
-                vni: Some(spec.vni),
-                port: Some(spec.port),
-                local: Some(spec.local),
-                dev: Some(spec.dev),
-                learning: Some(false),
-            };
             let existing = nl.link(VXLAN_DEVICE).await?;
             // A device that differs in anything Weft sets (learning switched on by hand, another
             // port, an underlay address that changed) is made again.
-            let stale = existing.as_ref().is_some_and(|l| {
-                l.kind.as_deref() != Some("vxlan")
-                    || l.mac != Some(v.mac)
-                    || l.mtu != v.mtu
-                    || l.vxlan.as_ref() != Some(&made_as)
-            });
+            let stale = existing.as_ref().is_some_and(|l| !spec.matches(l));
             if stale {
                 nl.del_link(VXLAN_DEVICE).await?;
                 changes += 1;
