@@ -112,6 +112,18 @@ fn parse_file(text: &[u8]) -> Result<Flags, String> {
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
 }
 
+impl Config {
+    /// The tunnel settings this node's lease carries: for backends that use VXLAN.
+    pub fn vxlan(&self) -> Option<crate::lease::VxlanSettings> {
+        self.backend
+            .uses_vxlan()
+            .then_some(crate::lease::VxlanSettings {
+                vni: self.vxlan_vni,
+                port: self.vxlan_port,
+            })
+    }
+}
+
 impl Flags {
     /// Fills what the command line left out from the file, then from the defaults, and checks
     /// the result. Errors name the flag and the value.

@@ -12,7 +12,7 @@
 use crate::backend::{self, reconcile::reconcile, Problem, Reason, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
-use crate::lease::{candidates, lease_key, Lease, VxlanSettings, LEASE_PREFIX};
+use crate::lease::{candidates, lease_key, Lease, LEASE_PREFIX};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -129,10 +129,7 @@ pub async fn acquire<S: Store>(
             .backend
             .uses_vxlan()
             .then(|| weft_net::format_mac(&backend::vtep_mac(subnet))),
-        vxlan: cfg.backend.uses_vxlan().then_some(VxlanSettings {
-            vni: cfg.vxlan_vni,
-            port: cfg.vxlan_port,
-        }),
+        vxlan: cfg.vxlan(),
     };
     for _attempt in 0..10 {
         let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;

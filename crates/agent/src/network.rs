@@ -28,10 +28,7 @@ impl NetworkConfig {
             cluster_cidr: cfg.cluster_cidr,
             subnet_len: cfg.subnet_len,
             backend: cfg.backend,
-            vxlan: cfg.backend.uses_vxlan().then_some(VxlanSettings {
-                vni: cfg.vxlan_vni,
-                port: cfg.vxlan_port,
-            }),
+            vxlan: cfg.vxlan(),
         }
     }
 
@@ -85,23 +82,10 @@ impl NetworkConfig {
     /// What differs in a peer's lease: its backend, VXLAN settings, or a subnet that is not one of
     /// ours. Used before the cluster has a record (an upgrade from an agent that wrote none).
     fn differences_from_lease(&self, l: &Lease) -> Vec<String> {
-        let mut d = Vec::new();
-        if l.backend != self.backend {
-            d.push(format!(
-                "node {} runs backend {} (this node: {})",
-                l.node,
-                l.backend.as_str(),
-                self.backend.as_str()
-            ));
-        }
-        if let (Some(ours), Some(theirs)) = (self.vxlan, l.vxlan) {
-            if ours != theirs {
-                d.push(format!(
-                    "node {} tunnels with VNI {} on UDP {} (this node: VNI {} on UDP {})",
-                    l.node, theirs.vni, theirs.port, ours.vni, ours.port
-                ));
-            }
-        }
+        let mut d: Vec<String> = crate::backend::setting_differences(self.backend, self.vxlan, l)
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
         if !self.cluster_cidr.contains(&l.subnet) || l.subnet.prefix_len() != self.subnet_len {
             d.push(format!(
                 "node {} leases {} (this node: /{} subnets of {})",

@@ -19,13 +19,7 @@ pub async fn detect_again(
             _ => None,
         });
         if let Some(net) = still {
-            return Ok(Underlay {
-                index: link.index,
-                name: link.name,
-                ip: net.addr(),
-                net: Ipv4Net::new(net.network(), net.prefix_len()).expect("valid"),
-                mtu: link.mtu,
-            });
+            return Ok(underlay_of(link, net));
         }
     }
     detect(nl, iface).await
@@ -62,11 +56,16 @@ pub async fn detect(nl: &Netlink, iface: Option<&str>) -> Result<Underlay, Strin
             IpNet::V6(_) => None,
         })
         .ok_or_else(|| format!("interface {} has no IPv4 address", link.name))?;
-    Ok(Underlay {
+    Ok(underlay_of(link, net))
+}
+
+/// `link` with its address `net` (an address with its prefix length) as the underlay.
+fn underlay_of(link: weft_net::Link, net: Ipv4Net) -> Underlay {
+    Underlay {
         index: link.index,
         name: link.name,
         ip: net.addr(),
         net: Ipv4Net::new(net.network(), net.prefix_len()).expect("valid"),
         mtu: link.mtu,
-    })
+    }
 }

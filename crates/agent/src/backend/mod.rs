@@ -8,7 +8,7 @@
 
 pub mod reconcile;
 
-use crate::lease::Lease;
+use crate::lease::{Lease, VxlanSettings};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -175,6 +175,40 @@ pub struct VxlanPlan {
     pub port: u16,
 }
 
+/// How a peer's lease differs from this node's backend and tunnel settings, each as a reason and
+/// "node N runs backend B (this node: C)". The plan reports these per peer; the cluster check
+/// (network.rs) refuses to start on them before the cluster has a settings record.
+pub fn setting_differences(
+    backend: BackendKind,
+    vxlan: Option<VxlanSettings>,
+    peer: &Lease,
+) -> Vec<(Reason, String)> {
+    let mut d = Vec::new();
+    if peer.backend != backend {
+        d.push((
+            Reason::PeerBackendMismatch,
+            format!(
+                "node {} runs backend {} (this node: {})",
+                peer.node,
+                peer.backend.as_str(),
+                backend.as_str()
+            ),
+        ));
+    }
+    if let (Some(ours), Some(theirs)) = (vxlan, peer.vxlan) {
+        if ours != theirs {
+            d.push((
+                Reason::PeerVxlanMismatch,
+                format!(
+                    "node {} tunnels with VNI {} on UDP {} (this node: VNI {} on UDP {})",
+                    peer.node, theirs.vni, theirs.port, ours.vni, ours.port
+                ),
+            ));
+        }
+    }
+    d
+}
+
 /// The desired datapath for `local` given its peers. Pure: tested without a kernel.
 pub fn plan(
     kind: BackendKind,
@@ -220,32 +254,15 @@ pub fn plan(
     for peer in peers {
         // Programmed all the same (the routes are right for this node's side), but said: the
         // peer's side is not what this node expects.
-        if peer.backend != local.backend {
+        for (reason, what) in setting_differences(local.backend, local.vxlan, peer) {
             p.problems.push(Problem {
                 peer: peer.node.clone(),
-                reason: Reason::PeerBackendMismatch,
+                reason,
                 message: format!(
-                    "peer {} runs the {} backend and this node {}: traffic between them can be \
-                     lost; every node of a cluster needs the same --backend",
-                    peer.node,
-                    peer.backend.as_str(),
-                    local.backend.as_str()
+                    "{what}: traffic between them can be lost; every node of a cluster needs \
+                     the same --backend, --vxlan-vni and --vxlan-port"
                 ),
             });
-        }
-        if let (Some(theirs), Some(ours)) = (peer.vxlan, local.vxlan) {
-            if theirs != ours {
-                p.problems.push(Problem {
-                    peer: peer.node.clone(),
-                    reason: Reason::PeerVxlanMismatch,
-                    message: format!(
-                        "peer {} tunnels with VNI {} on UDP {}, this node with VNI {} on UDP {}: \
-                         the tunnel between them carries nothing; every node needs the same \
-                         --vxlan-vni and --vxlan-port",
-                        peer.node, theirs.vni, theirs.port, ours.vni, ours.port
-                    ),
-                });
-            }
         }
         let adjacent = underlay.net.contains(&peer.underlay_ip);
         let via = match kind {
