@@ -133,7 +133,9 @@ pub async fn acquire<S: Store>(
     };
     for _attempt in 0..10 {
         let (kvs, _) = store.list(LEASE_PREFIX).await.map_err(|e| e.to_string())?;
-        let kvs_keys: Vec<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
+        // Taken means a key exists, even one whose record does not parse: it cannot be created.
+        let taken: std::collections::HashSet<String> =
+            kvs.iter().map(|kv| kv.key.clone()).collect();
         let leases: Vec<(weft_store::KeyValue, Lease)> = kvs
             .into_iter()
             .filter_map(|kv| serde_json::from_slice(&kv.value).ok().map(|l| (kv, l)))
@@ -154,8 +156,6 @@ pub async fn acquire<S: Store>(
                 Err(e) => return Err(e.to_string()),
             }
         }
-        // Taken means a key exists, even one whose record does not parse: it cannot be created.
-        let taken: std::collections::HashSet<&str> = kvs_keys.iter().map(String::as_str).collect();
         let mut raced = false;
         for subnet in candidates(
             cfg.cluster_cidr,
@@ -163,7 +163,7 @@ pub async fn acquire<S: Store>(
             &cfg.node_name,
             previous_subnet(cfg),
         ) {
-            if taken.contains(lease_key(subnet).as_str()) {
+            if taken.contains(&lease_key(subnet)) {
                 continue;
             }
             let lease = mine(subnet);
@@ -372,19 +372,11 @@ async fn keep_lease<S: Store>(
                 m.lease_renew_errors.inc();
                 warn!("the store lost lease {id}; leasing again");
                 let underlay = underlay.lock().expect("not poisoned").clone();
-                let again = async {
-                    let id = store
-                        .grant(cfg.lease_ttl)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    // Before the record is written with it: the main loop tells its own record
-                    // from another agent's by this id.
-                    lease_id.store(id, Ordering::Relaxed);
-                    let l = acquire(&*store, &cfg, &underlay, id).await?;
-                    Ok::<_, String>((id, l))
-                };
-                match again.await {
-                    Ok((_, l)) => {
+                match lease_once(&*store, &cfg, &underlay).await {
+                    Ok((id, l)) => {
+                        // Stored with no await since the record was written, so the main loop
+                        // (same thread) never sees the record before the id it was written with.
+                        lease_id.store(id, Ordering::Relaxed);
                         if l.subnet != current.borrow().subnet {
                             error!(
                                 "this node's subnet changed to {} (the old one was taken)",
@@ -396,7 +388,7 @@ async fn keep_lease<S: Store>(
                         }
                         let _ = current.send(l);
                     }
-                    Err(e) => error!("leasing again: {e}"),
+                    Err(Attempt::Again(e) | Attempt::Fatal(e)) => error!("leasing again: {e}"),
                 }
             }
             Err(e) => {
@@ -528,32 +520,12 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 error!("{e}");
             }
             // So is the underlay: a node whose address changed (DHCP, a re-plumbed NIC) tells
-            // its peers through its lease, and remakes weft.vxlan on the new address.
-            match crate::underlay::detect_again(&nl, cfg.iface.as_deref(), &underlay).await {
-                Ok(now) if now != underlay => {
-                    warn!(
-                        "the underlay changed: {} {} ({}, MTU {}) is now {} {} ({}, MTU {})",
-                        underlay.name,
-                        underlay.ip,
-                        underlay.net,
-                        underlay.mtu,
-                        now.name,
-                        now.ip,
-                        now.net,
-                        now.mtu
-                    );
-                    let mtu_changed = now.mtu != underlay.mtu;
-                    underlay = now;
-                    *seen_underlay.lock().expect("not poisoned") = underlay.clone();
-                    if mtu_changed {
-                        // For pods made from now on; running pods keep their MTU.
-                        if let Err(e) = write_subnet_env(&cfg, &lease_rx.borrow(), &underlay) {
-                            error!("{e}");
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => warn!("checking the underlay (keeping {}): {e}", underlay.ip),
+            // its peers through its lease (below), and remakes weft.vxlan on the new address.
+            let held = lease_rx.borrow().clone();
+            let now = follow_underlay(&nl, &cfg, &underlay, &held).await;
+            if now != underlay {
+                underlay = now;
+                *seen_underlay.lock().expect("not poisoned") = underlay.clone();
             }
         }
         // The lease says where peers reach this node. The lease keeper may have leased again
@@ -651,6 +623,43 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             _ = tokio::time::sleep(next_check.max(Duration::from_millis(10))) => {}
         }
     }
+}
+
+/// The underlay as it is now (`underlay::detect_again`): on a change, logs the old and the new,
+/// and rewrites subnet.env if the MTU changed (for pods made from now on; running pods keep
+/// theirs). While detection fails, the old one stays.
+async fn follow_underlay(
+    nl: &Netlink,
+    cfg: &Config,
+    underlay: &Underlay,
+    lease: &Lease,
+) -> Underlay {
+    let now = match crate::underlay::detect_again(nl, cfg.iface.as_deref(), underlay).await {
+        Ok(now) => now,
+        Err(e) => {
+            warn!("checking the underlay (keeping {}): {e}", underlay.ip);
+            return underlay.clone();
+        }
+    };
+    if now != *underlay {
+        warn!(
+            "the underlay changed: {} {} ({}, MTU {}) is now {} {} ({}, MTU {})",
+            underlay.name,
+            underlay.ip,
+            underlay.net,
+            underlay.mtu,
+            now.name,
+            now.ip,
+            now.net,
+            now.mtu
+        );
+        if now.mtu != underlay.mtu {
+            if let Err(e) = write_subnet_env(cfg, lease, &now) {
+                error!("{e}");
+            }
+        }
+    }
+    now
 }
 
 /// Makes this node's lease record say `local` again: puts it back where it was deleted, or
