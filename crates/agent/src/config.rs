@@ -112,6 +112,17 @@ fn parse_file(text: &[u8]) -> Result<Flags, String> {
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
 }
 
+/// A Kubernetes node name: a DNS subdomain (lowercase letters, digits, '-' and '.', at most
+/// 253). Store keys and event names are made from it.
+pub fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
 impl Config {
     /// The tunnel settings this node's lease carries: for backends that use VXLAN.
     pub fn vxlan(&self) -> Option<crate::lease::VxlanSettings> {
@@ -158,15 +169,17 @@ impl Flags {
         }
         let node_name = match self.node_name {
             Some(n) => n,
+            // Lowercased, as kubelet names its Node after the hostname.
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
+                .map(|h| h.trim().to_ascii_lowercase())
                 .map_err(|e| {
                     format!("--node-name not given and the hostname is unreadable: {e}")
                 })?,
         };
-        if node_name.is_empty() || node_name.len() > 253 || node_name.contains(['/', ' ']) {
+        if !valid_node_name(&node_name) {
             return Err(format!(
-                "--node-name: {node_name:?} is not a valid node name"
+                "--node-name: {node_name:?} is not a node name (a DNS subdomain: lowercase \
+                 letters, digits, '-' and '.')"
             ));
         }
         let cluster_cidr = self

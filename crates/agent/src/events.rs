@@ -21,8 +21,7 @@ fn node_prefix(node: &str) -> String {
 }
 
 /// `<node>.weft-<reason in kebab case>-<peer>`: stable, so a lasting problem keeps one event.
-/// Names are lowercased and anything outside a DNS subdomain's letters becomes '-' (a peer's name
-/// comes from its lease record, which nothing else checks).
+/// Node names are DNS subdomains (config::valid_node_name), so the name is one too.
 pub fn event_name(node: &str, p: &Problem) -> String {
     let mut reason = String::new();
     for (i, c) in p.reason.as_str().chars().enumerate() {
@@ -31,15 +30,7 @@ pub fn event_name(node: &str, p: &Problem) -> String {
         }
         reason.push(c.to_ascii_lowercase());
     }
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| match c.to_ascii_lowercase() {
-                c @ ('a'..='z' | '0'..='9' | '.' | '-') => c,
-                _ => '-',
-            })
-            .collect()
-    };
-    format!("{}.weft-{reason}-{}", clean(node), clean(&p.peer))
+    format!("{node}.weft-{reason}-{}", p.peer)
 }
 
 /// The event for `p`, seen now; `previous` (the same problem's last event, if any) keeps its

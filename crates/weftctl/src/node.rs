@@ -9,6 +9,7 @@
 
 use clap::{Args, Subcommand};
 use std::time::{Duration, Instant};
+use weft_agent::config::valid_node_name;
 use weft_agent::daemon::leave_key;
 use weft_agent::lease::{Lease, LEASE_PREFIX};
 use weft_store::{AnyStore, Store};
@@ -57,16 +58,6 @@ pub fn run(a: NodeArgs) -> i32 {
             1
         }
     }
-}
-
-/// A Kubernetes node name: a DNS subdomain (lowercase letters, digits, '-' and '.').
-fn valid_node_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !s.starts_with(['-', '.'])
-        && !s.ends_with(['-', '.'])
 }
 
 fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
