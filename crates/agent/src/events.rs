@@ -155,17 +155,7 @@ mod tests {
 
     #[test]
     fn publish_writes_keeps_and_clears() {
-        let dir = std::env::temp_dir().join(format!("weft-events-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let store = weft_store::SqliteStore::open(dir.join("s.db"))
-                .await
-                .unwrap();
+        crate::testing::with_store("events", async |store| {
             let lease = store
                 .grant(std::time::Duration::from_secs(30))
                 .await
@@ -175,20 +165,19 @@ mod tests {
                 .put(&format!("{EVENT_PREFIX}node3.weft-x-y"), b"{}", None)
                 .await
                 .unwrap();
-            publish(&store, "node1", lease, &[problem()]).await.unwrap();
+            publish(store, "node1", lease, &[problem()]).await.unwrap();
             let key = format!("{EVENT_PREFIX}node1.weft-peer-not-on-link-node2");
             let kv = store.get(&key).await.unwrap().expect("written");
             assert_eq!(kv.lease, Some(lease));
             // The same problem again writes nothing.
-            publish(&store, "node1", lease, &[problem()]).await.unwrap();
+            publish(store, "node1", lease, &[problem()]).await.unwrap();
             let again = store.get(&key).await.unwrap().unwrap();
             assert_eq!(again.mod_revision, kv.mod_revision);
             // Cleared: the event goes, the other node's stays.
-            publish(&store, "node1", lease, &[]).await.unwrap();
+            publish(store, "node1", lease, &[]).await.unwrap();
             assert!(store.get(&key).await.unwrap().is_none());
             let (left, _) = store.list(EVENT_PREFIX).await.unwrap();
             assert_eq!(left.len(), 1);
         });
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

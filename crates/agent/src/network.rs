@@ -187,29 +187,27 @@ mod tests {
 
     #[test]
     fn first_writes_the_rest_must_agree() {
-        let dir = std::env::temp_dir().join(format!("weft-netconf-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let store = weft_store::SqliteStore::open(dir.join("s.db")).await.unwrap();
-            check(&store, &cfg(&[])).await.unwrap();
-            let stored: serde_json::Value = serde_json::from_slice(
-                &store.get(NETWORK_KEY).await.unwrap().unwrap().value,
-            )
-            .unwrap();
+        crate::testing::with_store("netconf", async |store| {
+            check(store, &cfg(&[])).await.unwrap();
+            let stored: serde_json::Value =
+                serde_json::from_slice(&store.get(NETWORK_KEY).await.unwrap().unwrap().value)
+                    .unwrap();
             assert_eq!(stored["clusterCidr"], "10.244.0.0/16");
             assert_eq!(stored["backend"], "vxlan");
             assert_eq!(stored["vxlan"]["port"], 4789);
             // The same settings pass.
-            check(&store, &cfg(&[])).await.unwrap();
+            check(store, &cfg(&[])).await.unwrap();
             // Other settings are refused, every difference named with both values.
             let e = check(
-                &store,
-                &cfg(&["--backend", "directrouting", "--vxlan-port", "8472", "--subnet-len", "26"]),
+                store,
+                &cfg(&[
+                    "--backend",
+                    "directrouting",
+                    "--vxlan-port",
+                    "8472",
+                    "--subnet-len",
+                    "26",
+                ]),
             )
             .await
             .unwrap_err();
@@ -223,7 +221,7 @@ mod tests {
             ] {
                 assert!(m.contains(part), "{m} lacks {part}");
             }
-            let e = check(&store, &cfg(&["--cluster-cidr", "10.50.0.0/16"]))
+            let e = check(store, &cfg(&["--cluster-cidr", "10.50.0.0/16"]))
                 .await
                 .unwrap_err();
             assert!(
@@ -231,20 +229,11 @@ mod tests {
                 "{e:?}"
             );
         });
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn without_a_record_the_leases_must_agree() {
-        let dir = std::env::temp_dir().join(format!("weft-netconf-up-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let store = weft_store::SqliteStore::open(dir.join("s.db")).await.unwrap();
+        crate::testing::with_store("netconf-up", async |store| {
             // A cluster of agents that kept no record: node2 runs host-gw.
             let other = Lease {
                 node: "n2".into(),
@@ -259,16 +248,18 @@ mod tests {
                 .put(&key, &serde_json::to_vec(&other).unwrap(), None)
                 .await
                 .unwrap();
-            let e = check(&store, &cfg(&[])).await.unwrap_err();
+            let e = check(store, &cfg(&[])).await.unwrap_err();
             assert!(
                 matches!(&e, Refused::Fatal(m) if m.contains("node n2 runs backend host-gw (this node: vxlan)")),
                 "{e:?}"
             );
-            assert!(store.get(NETWORK_KEY).await.unwrap().is_none(), "nothing written");
+            assert!(
+                store.get(NETWORK_KEY).await.unwrap().is_none(),
+                "nothing written"
+            );
             // The node that agrees writes the record.
-            check(&store, &cfg(&["--backend", "host-gw"])).await.unwrap();
+            check(store, &cfg(&["--backend", "host-gw"])).await.unwrap();
             assert!(store.get(NETWORK_KEY).await.unwrap().is_some());
         });
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
