@@ -26,6 +26,24 @@ enum Command {
     Services(services::ServicesArgs),
 }
 
+/// Runs `f` with the store at `url` (as weftd's --store) on a one-thread runtime: the CLI's
+/// commands are one-shot.
+fn with_store<T>(
+    url: &str,
+    f: impl AsyncFnOnce(&weft_store::AnyStore) -> Result<T, String>,
+) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let store = weft_store::AnyStore::open(url)
+            .await
+            .map_err(|e| format!("--store {url}: {e}"))?;
+        f(&store).await
+    })
+}
+
 fn main() {
     // Die quietly on a closed pipe (`weftctl lab status | head`), like other command-line tools.
     // SAFETY: resetting a signal to its default action before any thread exists.

@@ -3,7 +3,7 @@
 
 use clap::{Args, Subcommand};
 use weft_agent::network::NETWORK_KEY;
-use weft_store::{AnyStore, Store};
+use weft_store::Store;
 
 #[derive(Args)]
 pub struct NetworkArgs {
@@ -35,14 +35,7 @@ pub fn run(a: NetworkArgs) -> i32 {
 }
 
 fn network(a: NetworkArgs) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let store = AnyStore::open(&a.store)
-            .await
-            .map_err(|e| format!("--store {}: {e}", a.store))?;
+    crate::with_store(&a.store, async |store| {
         match a.command {
             NetworkCommand::Show => {
                 let kv = store

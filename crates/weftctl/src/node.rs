@@ -60,24 +60,23 @@ pub fn run(a: NodeArgs) -> i32 {
     }
 }
 
-fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
-    if !valid_node_name(node) {
-        return Err(format!(
+fn check_node(node: &str) -> Result<(), String> {
+    if valid_node_name(node) {
+        Ok(())
+    } else {
+        Err(format!(
             "NODE: {node:?} is not a node name (lowercase letters, digits, '-' and '.')"
-        ));
+        ))
     }
+}
+
+fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
+    check_node(node)?;
     if !(1..=300).contains(&timeout) {
         return Err(format!("--timeout: {timeout} is not in 1..300 seconds"));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let store = AnyStore::open(url)
-            .await
-            .map_err(|e| format!("--store {url}: {e}"))?;
-        let held = node_leases(&store, node).await?;
+    crate::with_store(url, async |store| {
+        let held = node_leases(store, node).await?;
         let key = leave_key(node);
         if held.is_empty() {
             return Err(format!(
@@ -135,7 +134,7 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
         }
         let _ = store.revoke(wait_lease).await;
         let mut released = Vec::new();
-        for (kv, l) in node_leases(&store, node).await? {
+        for (kv, l) in node_leases(store, node).await? {
             let gone = store
                 .cad(&kv.key, kv.mod_revision)
                 .await
@@ -159,19 +158,8 @@ fn leave(node: &str, url: &str, timeout: u64) -> Result<(), String> {
 }
 
 fn cancel_leave(node: &str, url: &str) -> Result<(), String> {
-    if !valid_node_name(node) {
-        return Err(format!(
-            "NODE: {node:?} is not a node name (lowercase letters, digits, '-' and '.')"
-        ));
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let store = AnyStore::open(url)
-            .await
-            .map_err(|e| format!("--store {url}: {e}"))?;
+    check_node(node)?;
+    crate::with_store(url, async |store| {
         let key = leave_key(node);
         let gone = store
             .delete(&key)

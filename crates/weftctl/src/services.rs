@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use weft_plugin::config::SUBNET_FILE;
 use weft_plugin::subnet_env::SubnetEnv;
-use weft_store::{AnyStore, Store};
+use weft_store::Store;
 
 #[derive(Args)]
 pub struct ServicesArgs {
@@ -68,14 +68,7 @@ pub fn run(a: ServicesArgs) -> i32 {
 }
 
 fn list(a: ServicesArgs) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (services, slices) = rt.block_on(async {
-        let store = AnyStore::open(&a.store)
-            .await
-            .map_err(|e| format!("--store {}: {e}", a.store))?;
+    let (services, slices) = crate::with_store(&a.store, async |store| {
         let (s, _) = store
             .list("/registry/services/specs/")
             .await
