@@ -840,22 +840,24 @@ impl Lab {
         println!();
         match objects::session(&s, |db| db.list(weft_agent::events::EVENT_PREFIX)) {
             Ok(events) => {
-                let warnings: Vec<(String, String, String)> = events
+                let warnings: Vec<k8s_openapi::api::core::v1::Event> = events
                     .iter()
-                    .filter_map(|(_, v)| {
-                        let e: serde_json::Value = serde_json::from_slice(v).ok()?;
-                        let text = |k: &str| e[k].as_str().unwrap_or("-").to_string();
-                        (e["source"]["component"] == "weftd").then(|| {
-                            let node = e["involvedObject"]["name"].as_str().unwrap_or("-");
-                            (node.to_string(), text("reason"), text("message"))
-                        })
+                    .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+                    .filter(|e: &k8s_openapi::api::core::v1::Event| {
+                        e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("weftd")
                     })
                     .collect();
                 if warnings.is_empty() {
                     println!("no warnings from the agents");
                 }
-                for (node, reason, message) in warnings {
-                    println!("WARNING {node} {reason}: {message}");
+                for e in warnings {
+                    let text = |t: Option<String>| t.unwrap_or_else(|| "-".into());
+                    println!(
+                        "WARNING {} {}: {}",
+                        text(e.involved_object.name),
+                        text(e.reason),
+                        text(e.message)
+                    );
                 }
             }
             Err(e) => println!("agents' events not read: {e}"),
