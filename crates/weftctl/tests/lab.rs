@@ -330,12 +330,7 @@ fn node_leave_and_lease_expiry() {
     assert!(!ok && text.contains("node3 holds no lease"), "{text}");
 
     // A dead agent: weftctl releases its lease after the timeout.
-    let pid4 = lab.agent_pid("node4").expect("node4's agent runs");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid4 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    lab.kill_agent("node4");
     let (ok, text) = leave("node4", "2");
     assert!(
         ok && text.contains("no agent on node4 answered") && text.contains(&s4),
@@ -360,13 +355,8 @@ fn node_leave_and_lease_expiry() {
 
     // An agent that dies and never comes back: its lease expires (TTL 10 s in the lab) and the
     // peers drop it.
-    let pid2 = lab.agent_pid("node2").expect("node2's agent runs");
     let killed = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid2 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    lab.kill_agent("node2");
     dropped_by(
         &["node1"],
         &s2,
@@ -389,12 +379,7 @@ fn node_leave_and_lease_expiry() {
     assert_eq!(lab.subnet("node2"), s2);
 
     // A request waiting for a dead agent can be dropped: the agent then joins as usual.
-    let pid2 = lab.agent_pid("node2").expect("node2's agent runs");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid2 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    lab.kill_agent("node2");
     let (ok, text) = leave("node2", "1");
     assert!(ok && text.contains("no agent on node2 answered"), "{text}");
     let cancel = |node: &str| {

@@ -127,6 +127,18 @@ impl Lab {
             .filter(|_| !line.contains("(gone)"))
     }
 
+    /// kill -9 the node's agent, which must be running; it is not started again.
+    pub fn kill_agent(&self, node: &str) {
+        let pid = self
+            .agent_pid(node)
+            .unwrap_or_else(|| panic!("{node}'s agent runs"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     pub fn subnet(&self, node: &str) -> String {
         let env = std::fs::read_to_string(
             self.state_dir
