@@ -13,6 +13,7 @@ use crate::backend::{self, reconcile::reconcile, Problem, Reason, Underlay};
 use crate::config::Config;
 use crate::http::{self, Health};
 use crate::lease::{candidates, lease_key, Lease, LEASE_PREFIX};
+use crate::network::{store_error, Refused};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -289,8 +290,8 @@ async fn lease_until_done<S: Store>(
     loop {
         match lease_once(store, cfg, underlay).await {
             Ok(done) => return Ok(done),
-            Err(Attempt::Fatal(e)) => return Err(e),
-            Err(Attempt::Again(e)) => {
+            Err(Refused::Fatal(e)) => return Err(e),
+            Err(Refused::Again(e)) => {
                 error!("{e}; trying again in {} s", delay.as_secs());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
@@ -299,41 +300,25 @@ async fn lease_until_done<S: Store>(
     }
 }
 
-/// How one try at leasing failed.
-enum Attempt {
-    /// Trying again cannot help.
-    Fatal(String),
-    Again(String),
-}
-
 async fn lease_once<S: Store>(
     store: &S,
     cfg: &Config,
     underlay: &Underlay,
-) -> Result<(LeaseId, Lease), Attempt> {
-    crate::network::check(store, cfg)
-        .await
-        .map_err(|r| match r {
-            crate::network::Refused::Fatal(e) => Attempt::Fatal(e),
-            crate::network::Refused::Again(e) => Attempt::Again(e),
-        })?;
+) -> Result<(LeaseId, Lease), Refused> {
+    crate::network::check(store, cfg).await?;
     let id = store.grant(cfg.lease_ttl).await.map_err(|e| {
         let what = format!(
-            "granting a store lease of {} s in {}: {e}",
+            "granting a store lease of {} s in {}",
             cfg.lease_ttl.as_secs(),
             cfg.store
         );
-        if e.is_retryable() {
-            Attempt::Again(what)
-        } else {
-            Attempt::Fatal(what)
-        }
+        store_error(what, e)
     })?;
     match acquire(store, cfg, underlay, id).await {
         Ok(l) => Ok((id, l)),
         Err(e) => {
             let _ = store.revoke(id).await;
-            Err(Attempt::Again(e))
+            Err(Refused::Again(e))
         }
     }
 }
@@ -388,7 +373,7 @@ async fn keep_lease<S: Store>(
                         }
                         let _ = current.send(l);
                     }
-                    Err(Attempt::Again(e) | Attempt::Fatal(e)) => error!("leasing again: {e}"),
+                    Err(Refused::Again(e) | Refused::Fatal(e)) => error!("leasing again: {e}"),
                 }
             }
             Err(e) => {

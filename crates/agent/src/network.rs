@@ -96,17 +96,18 @@ impl NetworkConfig {
     }
 }
 
-/// Why the check did not pass.
+/// Why the check (or, in daemon.rs, a try at leasing) did not pass.
 #[derive(Debug)]
 pub enum Refused {
     /// Trying again cannot help: this agent's settings are not the cluster's, or the store
     /// refuses for good. The agent must not start.
     Fatal(String),
-    /// The store could not be asked; try again.
+    /// The store could not be asked, or the try lost; try again.
     Again(String),
 }
 
-fn store_error(what: String, e: weft_store::Error) -> Refused {
+/// A store error as a `Refused`: `Again` if the store may answer later.
+pub fn store_error(what: String, e: weft_store::Error) -> Refused {
     if e.is_retryable() {
         Refused::Again(format!("{what}: {e}"))
     } else {
