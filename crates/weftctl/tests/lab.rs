@@ -11,6 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn all_connect(backend: &str, extra: &[&str], tag: &str) {
+    all_connect_then(backend, extra, tag, |_| {})
+}
+
+/// [`all_connect`], with `also` run on the lab once the matrix has passed.
+fn all_connect_then(backend: &str, extra: &[&str], tag: &str, also: impl Fn(&Lab)) {
     let lab = Lab::new(tag);
     let mut args = vec!["up", "--nodes", "3", "--pods", "2", "--backend", backend];
     args.extend_from_slice(extra);
@@ -44,6 +49,7 @@ fn all_connect(backend: &str, extra: &[&str], tag: &str) {
         matrix.contains("36 passed, 0 failed"),
         "6 pods × (5 pods + outside):\n{matrix}"
     );
+    also(&lab);
     // The responders answer on TCP and UDP, ports 80 and 81, across nodes.
     let far = pod_ip(&lab, "n3p2");
     for port in [80, 81] {
@@ -91,7 +97,45 @@ fn host_gw_routed() {
 
 #[test]
 fn directrouting_across_two_subnets() {
-    all_connect("directrouting", &["--subnets", "2"], "dr");
+    all_connect_then("directrouting", &["--subnets", "2"], "dr", |lab| {
+        // The fabric only switches: it holds no IPv4 address besides loopback.
+        let fabric = lab.ok(&["exec", "fabric", "--", "ip", "-4", "-o", "addr", "show"]);
+        assert_eq!(fabric.lines().count(), 1, "{fabric}");
+        assert!(fabric.contains("lo "), "{fabric}");
+        // node1 (br1) reaches node2 (br2) through the router: a packet with TTL 1 dies there.
+        let out = lab.run(&[
+            "exec",
+            "node1",
+            "--",
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-t",
+            "1",
+            "10.101.0.12",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("From 10.100.0.1") && text.contains("Time to live exceeded"),
+            "{text}"
+        );
+        // Both kinds of peer: node3 shares node1's subnet (a route via its underlay IP), node2
+        // does not (a route over the tunnel).
+        let routes = lab.ip("node1", &["route", "show", "proto", "202"]);
+        let to = |node: &str| {
+            let subnet = lab.subnet(node);
+            routes
+                .lines()
+                .find(|l| l.starts_with(&subnet))
+                .unwrap_or_else(|| panic!("no route to {node}'s {subnet}:\n{routes}"))
+                .to_string()
+        };
+        assert!(to("node3").contains("via 10.100.0.13 dev eth0"), "{routes}");
+        assert!(to("node2").contains("dev weft.vxlan"), "{routes}");
+    });
 }
 
 /// A jumbo-frame underlay: weftd gives VXLAN pods the underlay MTU less the tunnel's 50 bytes, and

@@ -2,9 +2,11 @@
 //! benchmarks. Only namespaces the lab creates are configured; the root namespace is never touched.
 //!
 //! ```text
-//!            outside (203.0.113.1) ── fabric/router ── br1: 10.100.0.0/24 ── node1, node3, …
-//!                                        │ (etcd)  └── br2: 10.101.0.0/24 ── node2, node4, … (--subnets 2)
+//!   outside (203.0.113.1) ── router (etcd) ─┬─ fabric br1: 10.100.0.0/24 ── node1, node3, …
+//!                                            └─ fabric br2: 10.101.0.0/24 ── node2, node4, … (--subnets 2)
 //! ```
+//! The fabric is the switch (L2 only, no addresses); the router is the nodes' gateway, joins the
+//! underlay subnets and leads to the outside.
 //! Every node namespace runs a real `weftd` (its own run, state and IPAM directories under the lab
 //! directory, one shared store) and its pods are namespaces wired by the real `weft` plugin. Each
 //! pod and the outside run a responder that answers with their name on TCP and UDP 80 and 81.
@@ -75,7 +77,7 @@ enum LabCommand {
         #[arg(default_value = "node1")]
         node: String,
     },
-    /// Run a command inside a pod's, node's, `fabric` or `outside` network namespace.
+    /// Run a command inside a pod's, node's, `fabric`, `router` or `outside` network namespace.
     Exec {
         target: String,
         #[arg(trailing_var_arg = true, required = true)]
@@ -104,7 +106,7 @@ struct UpArgs {
     /// host-gw, vxlan or directrouting.
     #[arg(long, default_value = "vxlan")]
     backend: String,
-    /// sqlite (a file the agents share) or etcd (Debian's etcd-server, run in the fabric).
+    /// sqlite (a file the agents share) or etcd (Debian's etcd-server, run on the router).
     #[arg(long, default_value = "sqlite")]
     store: String,
     /// Underlay subnets: 2 puts every other node behind a router (direct routing then has both
@@ -232,7 +234,7 @@ pub fn run(args: LabArgs) -> i32 {
                     Err("etcd is running already".into())
                 }
                 StoreCommand::Start => {
-                    s.etcd_pid = Some(lab.start_etcd(&s.fabric_netns.clone())?);
+                    s.etcd_pid = Some(lab.start_etcd(&s.router_netns.clone())?);
                     Ok(())
                 }
             }
@@ -334,6 +336,7 @@ impl Lab {
             subnets: a.subnets,
             cluster_cidr: Some(a.cluster_cidr.to_string()),
             fabric_netns: self.netns_name("x", "fabric"),
+            router_netns: self.netns_name("x", "router"),
             outside_netns: self.netns_name("x", "outside"),
             nodes: Vec::new(),
             pods: Vec::new(),
@@ -361,31 +364,45 @@ impl Lab {
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         progress("fabric: underlay bridges, router, outside");
         make_netns(&s.fabric_netns)?;
+        make_netns(&s.router_netns)?;
         self.save(s)?;
         let fab = s.fabric_netns.clone();
+        let router = s.router_netns.clone();
         let mtu = a.mtu.to_string();
         for k in 1..=a.subnets {
+            // The switch, and the router's leg into it (ethK, the subnet's .1).
             let br = format!("br{k}");
-            run_ip(&fab, &["link", "add", &br, "type", "bridge"])?;
+            run_ip(&fab, &["link", "add", &br, "mtu", &mtu, "type", "bridge"])?;
+            run_ip(&fab, &["link", "set", &br, "up"])?;
+            let port = format!("router{k}");
+            let leg = format!("eth{k}");
             run_ip(
                 &fab,
-                &["addr", "add", &format!("10.{}.0.1/24", 99 + k), "dev", &br],
+                &[
+                    "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", &leg, "mtu",
+                    &mtu, "netns", &router,
+                ],
             )?;
-            run_ip(&fab, &["link", "set", &br, "up"])?;
+            run_ip(&fab, &["link", "set", &port, "master", &br, "up"])?;
+            run_ip(
+                &router,
+                &["addr", "add", &format!("10.{}.0.1/24", 99 + k), "dev", &leg],
+            )?;
+            run_ip(&router, &["link", "set", &leg, "up"])?;
         }
         let out = s.outside_netns.clone();
         make_netns(&out)?;
         run_ip(
-            &fab,
+            &router,
             &[
-                "link", "add", "outside", "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
-                "mtu", &mtu, "netns", &out,
+                "link", "add", "eth0", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+                &mtu, "netns", &out,
             ],
         )?;
-        run_ip(&fab, &["addr", "add", "10.102.0.1/30", "dev", "outside"])?;
-        run_ip(&fab, &["link", "set", "outside", "up"])?;
+        run_ip(&router, &["addr", "add", "10.102.0.1/30", "dev", "eth0"])?;
+        run_ip(&router, &["link", "set", "eth0", "up"])?;
         run_ip(
-            &fab,
+            &router,
             &["route", "add", "203.0.113.0/24", "via", "10.102.0.2"],
         )?;
         run_ip(&out, &["addr", "add", "10.102.0.2/30", "dev", "eth0"])?;
@@ -395,7 +412,9 @@ impl Lab {
             &["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"],
         )?;
         run_ip(&out, &["route", "add", "default", "via", "10.102.0.1"])?;
-        in_netns(&fab, || weft_net::sysctl::set("net.ipv4.ip_forward", "1"))?;
+        in_netns(&router, || {
+            weft_net::sysctl::set("net.ipv4.ip_forward", "1")
+        })?;
         // The fabric stands in for a physical switch, which runs no netfilter: where br_netfilter
         // is loaded, bridged underlay frames would otherwise go through conntrack (a quarter of
         // the bare underlay's throughput here). The sysctls exist only with br_netfilter.
@@ -408,8 +427,8 @@ impl Lab {
         s.outside_responder_pid = Some(spawn_responder(&NamedNetns::path(&out), "outside")?);
 
         s.store_url = if a.store == "etcd" {
-            progress("store: etcd in the fabric at 10.100.0.1:2379");
-            s.etcd_pid = Some(self.start_etcd(&fab)?);
+            progress("store: etcd on the router at 10.100.0.1:2379");
+            s.etcd_pid = Some(self.start_etcd(&router)?);
             "etcd://10.100.0.1:2379".into()
         } else {
             format!("sqlite://{}", self.dir.join("store.db").display())
@@ -499,7 +518,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_etcd(&self, fabric: &str) -> Result<u32> {
+    fn start_etcd(&self, router: &str) -> Result<u32> {
         let data = self.dir.join("etcd");
         let log = log_file(&self.dir.join("etcd.log"))?;
         let mut cmd = Command::new("/usr/bin/etcd");
@@ -515,7 +534,7 @@ impl Lab {
             "--initial-cluster",
             "lab=http://127.0.0.1:2380",
         ]);
-        let pid = spawn_in(fabric, &mut cmd, log)?;
+        let pid = spawn_in(router, &mut cmd, log)?;
         let fail = |e: String| {
             self.stop_and_wait(Some(pid), nix::sys::signal::Signal::SIGKILL);
             e
@@ -523,7 +542,7 @@ impl Lab {
         progress("waiting for etcd to answer");
         // Ready when the client port answers (bounded).
         let deadline = Instant::now() + Duration::from_secs(15);
-        let ns = Netns::open(NamedNetns::path(fabric)).map_err(|e| fail(e.to_string()))?;
+        let ns = Netns::open(NamedNetns::path(router)).map_err(|e| fail(e.to_string()))?;
         let addr = SocketAddr::from(([10, 100, 0, 1], 2379));
         while ns
             .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
@@ -918,6 +937,7 @@ impl Lab {
         let s = self.load()?;
         let netns = match target {
             "fabric" => s.fabric_netns.clone(),
+            "router" => s.router_netns.clone(),
             "outside" => s.outside_netns.clone(),
             t => s
                 .nodes

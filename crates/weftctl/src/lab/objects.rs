@@ -17,7 +17,7 @@ use weft_store::{AnyStore, Store};
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const CONTROLLER: &str = "weftctl-lab";
 
-/// A synchronous handle on the lab's store, used from inside the fabric namespace (where the
+/// A synchronous handle on the lab's store, used from inside the router namespace (where the
 /// lab's etcd listens).
 pub struct Session {
     rt: tokio::runtime::Runtime,
@@ -48,9 +48,9 @@ impl Session {
     }
 }
 
-/// Runs `f` with a store session opened from inside the fabric namespace.
+/// Runs `f` with a store session opened from inside the router namespace.
 pub fn session<T: Send>(s: &LabState, f: impl FnOnce(&Session) -> Result<T> + Send) -> Result<T> {
-    let ns = Netns::open(NamedNetns::path(&s.fabric_netns)).map_err(|e| e.to_string())?;
+    let ns = Netns::open(NamedNetns::path(&s.router_netns)).map_err(|e| e.to_string())?;
     let url = s.store_url.clone();
     ns.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -14,7 +14,10 @@ pub struct LabState {
     /// The cluster's pod CIDR the agents are given.
     #[serde(default)]
     pub cluster_cidr: Option<String>,
+    /// The switch: one bridge per underlay subnet, no addresses.
     pub fabric_netns: String,
+    /// The nodes' gateway, between the underlay subnets and to the outside; etcd runs here.
+    pub router_netns: String,
     pub outside_netns: String,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
