@@ -20,13 +20,14 @@ pub struct Flags {
     /// This node's name (default: the hostname).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// The cluster's pod CIDR, cut into node subnets (default 10.244.0.0/16).
+    /// The cluster's pod CIDR, cut into node subnets (default: the cluster's recorded one, or
+    /// 10.244.0.0/16 for the first node).
     #[arg(long)]
     pub cluster_cidr: Option<Ipv4Net>,
-    /// Prefix length of a node's subnet (default 24).
+    /// Prefix length of a node's subnet (default: the cluster's, or 24).
     #[arg(long)]
     pub subnet_len: Option<u8>,
-    /// host-gw, vxlan or directrouting (default vxlan).
+    /// host-gw, vxlan or directrouting (default: the cluster's, or vxlan).
     #[arg(long)]
     pub backend: Option<String>,
     /// The underlay interface (default: the one holding the default route).
@@ -63,17 +64,38 @@ pub struct Flags {
     /// (default 60; updates in between are incremental).
     #[arg(long)]
     pub services_repair: Option<u64>,
-    /// UDP port of the VXLAN tunnel, the same on every node (default 4789, the IANA port; the
-    /// Linux kernel's own default, and flannel's, is 8472).
+    /// UDP port of the VXLAN tunnel, the same on every node (default: the cluster's, or 4789, the
+    /// IANA port; the Linux kernel's own default, and flannel's, is 8472).
     #[arg(long)]
     pub vxlan_port: Option<u16>,
-    /// VXLAN network identifier, the same on every node (default 1).
+    /// VXLAN network identifier, the same on every node (default: the cluster's, or 1).
     #[arg(long)]
     pub vxlan_vni: Option<u32>,
     /// Release this node's lease, remove what the agent made, and exit.
     #[arg(long)]
     #[serde(skip)]
     pub leave: bool,
+}
+
+/// Which of the cluster-wide settings this node was given, by flag or file. For the others it
+/// takes the cluster's from the store once there are any (network.rs), and the defaults before.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Given {
+    pub cluster_cidr: bool,
+    pub subnet_len: bool,
+    pub backend: bool,
+    pub vxlan_port: bool,
+    pub vxlan_vni: bool,
+}
+
+impl Given {
+    pub const ALL: Given = Given {
+        cluster_cidr: true,
+        subnet_len: true,
+        backend: true,
+        vxlan_port: true,
+        vxlan_vni: true,
+    };
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +117,7 @@ pub struct Config {
     pub services_repair: Duration,
     pub vxlan_port: u16,
     pub vxlan_vni: u32,
+    pub given: Given,
     pub leave: bool,
 }
 
@@ -121,6 +144,11 @@ pub fn valid_node_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
+}
+
+/// Whether two CIDRs share an address.
+pub fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 impl Config {
@@ -167,6 +195,13 @@ impl Flags {
                 vxlan_vni
             );
         }
+        let given = Given {
+            cluster_cidr: self.cluster_cidr.is_some(),
+            subnet_len: self.subnet_len.is_some(),
+            backend: self.backend.is_some(),
+            vxlan_port: self.vxlan_port.is_some(),
+            vxlan_vni: self.vxlan_vni.is_some(),
+        };
         let node_name = match self.node_name {
             Some(n) => n,
             // Lowercased, as kubelet names its Node after the hostname.
@@ -222,20 +257,18 @@ impl Flags {
         if !(1..=3600).contains(&resync) {
             return Err(format!("--resync: {resync} is not in 1..3600 seconds"));
         }
-        let given = self
+        let asked = self
             .service_cidr
             .unwrap_or("10.96.0.0/12".parse().expect("literal"));
-        let service_cidr = given.trunc();
-        if service_cidr.contains(&cluster_cidr.network())
-            || cluster_cidr.contains(&service_cidr.network())
-        {
-            let network = if given == service_cidr {
+        let service_cidr = asked.trunc();
+        if overlap(service_cidr, cluster_cidr) {
+            let network = if asked == service_cidr {
                 String::new()
             } else {
                 format!(" (network {service_cidr})")
             };
             return Err(format!(
-                "--service-cidr: {given}{network} overlaps the cluster CIDR {cluster_cidr}"
+                "--service-cidr: {asked}{network} overlaps the cluster CIDR {cluster_cidr}"
             ));
         }
         let services_repair = self.services_repair.unwrap_or(60);
@@ -274,6 +307,7 @@ impl Flags {
             services_repair: Duration::from_secs(services_repair),
             vxlan_port,
             vxlan_vni,
+            given,
             leave: self.leave,
         })
     }

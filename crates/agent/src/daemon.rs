@@ -285,7 +285,7 @@ async fn lease_until_done<S: Store>(
     store: &S,
     cfg: &Config,
     underlay: &Underlay,
-) -> Result<(LeaseId, Lease), String> {
+) -> Result<(LeaseId, Lease, Config), String> {
     let mut delay = Duration::from_secs(1);
     loop {
         match lease_once(store, cfg, underlay).await {
@@ -300,12 +300,14 @@ async fn lease_until_done<S: Store>(
     }
 }
 
+/// Checks (and completes) the network settings, then leases with them. Returns the settings too:
+/// `cfg` with the cluster's wherever it gave none.
 async fn lease_once<S: Store>(
     store: &S,
     cfg: &Config,
     underlay: &Underlay,
-) -> Result<(LeaseId, Lease), Refused> {
-    crate::network::check(store, cfg).await?;
+) -> Result<(LeaseId, Lease, Config), Refused> {
+    let cfg = &crate::network::check(store, cfg).await?;
     let id = store.grant(cfg.lease_ttl).await.map_err(|e| {
         let what = format!(
             "granting a store lease of {} s in {}",
@@ -315,7 +317,7 @@ async fn lease_once<S: Store>(
         store_error(what, e)
     })?;
     match acquire(store, cfg, underlay, id).await {
-        Ok(l) => Ok((id, l)),
+        Ok(l) => Ok((id, l, cfg.clone())),
         Err(e) => {
             let _ = store.revoke(id).await;
             Err(Refused::Again(e))
@@ -358,7 +360,7 @@ async fn keep_lease<S: Store>(
                 warn!("the store lost lease {id}; leasing again");
                 let underlay = underlay.lock().expect("not poisoned").clone();
                 match lease_once(&*store, &cfg, &underlay).await {
-                    Ok((id, l)) => {
+                    Ok((id, l, _)) => {
                         // Stored with no await since the record was written, so the main loop
                         // (same thread) never sees the record before the id it was written with.
                         lease_id.store(id, Ordering::Relaxed);
@@ -390,12 +392,8 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     let nl = Netlink::connect().map_err(|e| e.to_string())?;
     let underlay = crate::underlay::detect(&nl, cfg.iface.as_deref()).await?;
     info!(
-        "node {} underlay {} {} ({}), backend {}",
-        cfg.node_name,
-        underlay.name,
-        underlay.ip,
-        underlay.net,
-        cfg.backend.as_str()
+        "node {} underlay {} {} ({})",
+        cfg.node_name, underlay.name, underlay.ip, underlay.net
     );
     if cfg.leave {
         return leave(&cfg, &*store, &nl, &underlay).await;
@@ -418,8 +416,13 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         .map_err(|e| format!("--listen {}: {e}", cfg.listen))?;
     tokio::spawn(http::serve(listener, health.clone()));
 
-    let (lease_id, lease) = lease_until_done(&*store, &cfg, &underlay).await?;
-    info!("leased {} (store lease {lease_id})", lease.subnet);
+    // From here on the settings are the cluster's where this node was given none.
+    let (lease_id, lease, cfg) = lease_until_done(&*store, &cfg, &underlay).await?;
+    info!(
+        "leased {} (store lease {lease_id}), backend {}",
+        lease.subnet,
+        cfg.backend.as_str()
+    );
     write_subnet_env(&cfg, &lease, &underlay)?;
     weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
 

@@ -1,10 +1,11 @@
 //! The cluster's network settings, kept once in the store (`/weft/config/network`): the pod CIDR,
 //! the node subnet length, the backend and its VXLAN settings. The first agent to start writes its
-//! own; every later agent must agree, or it refuses to start and names both sides. A node on other
-//! settings would lease from another range or tunnel to nobody.
+//! own. A later agent takes the cluster's for every setting it was not given (so a node joins
+//! with no network flags at all); what it was given must agree, or it refuses to start and names
+//! both sides. A node on other settings would lease from another range or tunnel to nobody.
 
 use crate::backend::BackendKind;
-use crate::config::Config;
+use crate::config::{Config, Given};
 use crate::lease::{Lease, VxlanSettings, LEASE_PREFIX};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -115,12 +116,79 @@ pub fn store_error(what: String, e: weft_store::Error) -> Refused {
     }
 }
 
-/// Writes this agent's settings as the cluster's if none are stored yet (compare-and-swap
-/// against absence, so of agents starting together one writes and the others compare), else
-/// compares with them. Before the first write, the leases already in the store (a cluster of
-/// agents that kept no record) must agree too, so that an odd node upgraded first cannot impose
-/// its settings on the others.
-pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<(), Refused> {
+/// `cfg` with the cluster's settings wherever it was not given one, all then counted as given:
+/// the node is committed to them, and a later check (leasing again) only compares.
+fn adopt(cfg: &Config, cluster: &NetworkConfig) -> Config {
+    let mut c = cfg.clone();
+    let g = cfg.given;
+    if !g.cluster_cidr {
+        c.cluster_cidr = cluster.cluster_cidr;
+    }
+    if !g.subnet_len {
+        c.subnet_len = cluster.subnet_len;
+    }
+    if !g.backend {
+        c.backend = cluster.backend;
+    }
+    if let Some(v) = cluster.vxlan {
+        if !g.vxlan_port {
+            c.vxlan_port = v.port;
+        }
+        if !g.vxlan_vni {
+            c.vxlan_vni = v.vni;
+        }
+    }
+    c.given = Given::ALL;
+    c
+}
+
+/// The settings taken from the cluster that this node's own defaults would have set otherwise.
+fn taken(cfg: &Config, adopted: &Config) -> Vec<String> {
+    let mut t = Vec::new();
+    if cfg.cluster_cidr != adopted.cluster_cidr {
+        t.push(format!("--cluster-cidr {}", adopted.cluster_cidr));
+    }
+    if cfg.subnet_len != adopted.subnet_len {
+        t.push(format!("--subnet-len {}", adopted.subnet_len));
+    }
+    if cfg.backend != adopted.backend {
+        t.push(format!("--backend {}", adopted.backend.as_str()));
+    }
+    if adopted.vxlan().is_some() && cfg.vxlan_port != adopted.vxlan_port {
+        t.push(format!("--vxlan-port {}", adopted.vxlan_port));
+    }
+    if adopted.vxlan().is_some() && cfg.vxlan_vni != adopted.vxlan_vni {
+        t.push(format!("--vxlan-vni {}", adopted.vxlan_vni));
+    }
+    t
+}
+
+/// What makes the cluster's settings unusable on this node: a record written by hand with a
+/// subnet length the CIDR cannot hold, or a cluster CIDR over this node's Service CIDR.
+fn unusable(c: &Config) -> Option<String> {
+    if c.subnet_len < c.cluster_cidr.prefix_len() || c.subnet_len > 30 {
+        return Some(format!(
+            "subnet length /{} must be between the cluster CIDR's /{} and /30",
+            c.subnet_len,
+            c.cluster_cidr.prefix_len()
+        ));
+    }
+    if crate::config::overlap(c.cluster_cidr, c.service_cidr) {
+        return Some(format!(
+            "the cluster CIDR {} overlaps --service-cidr {}",
+            c.cluster_cidr, c.service_cidr
+        ));
+    }
+    None
+}
+
+/// The settings this node runs with. If the store has none yet, this agent's become the
+/// cluster's (compare-and-swap against absence, so of agents starting together one writes and
+/// the others compare). Before that first write, the leases already in the store (a cluster of
+/// agents that kept no record) must agree, so that an odd node upgraded first cannot impose its
+/// settings on the others. If the store has them, the node takes each one it was not given,
+/// and must agree on the ones it was.
+pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused> {
     let ours = NetworkConfig::of(cfg);
     for _ in 0..3 {
         let stored = store
@@ -147,7 +215,11 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<(), Refused> {
             }
             let json = serde_json::to_vec(&ours).expect("serializable");
             match store.cas(NETWORK_KEY, 0, &json, None).await {
-                Ok(Some(_)) => return Ok(()),
+                Ok(Some(_)) => {
+                    let mut c = cfg.clone();
+                    c.given = Given::ALL;
+                    return Ok(c);
+                }
                 Ok(None) => continue,
                 Err(e) => return Err(store_error(format!("writing {NETWORK_KEY}"), e)),
             }
@@ -158,17 +230,29 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<(), Refused> {
                  with `weftctl network reset`"
             ))
         })?;
-        let d = ours.differences(&cluster);
-        return if d.is_empty() {
-            Ok(())
-        } else {
-            Err(Refused::Fatal(format!(
-                "this node's network settings are not the cluster's ({NETWORK_KEY}): {}; give the \
-                 cluster's, or change the cluster's with `weftctl network reset` and then restart \
-                 every node with the new settings",
+        let adopted = adopt(cfg, &cluster);
+        let d = NetworkConfig::of(&adopted).differences(&cluster);
+        if !d.is_empty() {
+            return Err(Refused::Fatal(format!(
+                "this node's network settings are not the cluster's ({NETWORK_KEY}): {}; leave \
+                 them out to take the cluster's, or change the cluster's with `weftctl network \
+                 reset` and then restart every node",
                 d.join(", ")
-            )))
-        };
+            )));
+        }
+        if let Some(why) = unusable(&adopted) {
+            return Err(Refused::Fatal(format!(
+                "the cluster's network settings ({NETWORK_KEY}) cannot be used here: {why}"
+            )));
+        }
+        let t = taken(cfg, &adopted);
+        if !t.is_empty() {
+            tracing::info!(
+                "from the cluster's settings ({NETWORK_KEY}): {}",
+                t.join(", ")
+            );
+        }
+        return Ok(adopted);
     }
     Err(Refused::Again(format!(
         "{NETWORK_KEY} kept changing while it was read"
@@ -227,6 +311,71 @@ mod tests {
                 .unwrap_err();
             assert!(
                 matches!(&e, Refused::Fatal(m) if m.contains("--cluster-cidr 10.50.0.0/16 (the cluster's: 10.244.0.0/16)")),
+                "{e:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn what_is_not_given_comes_from_the_cluster() {
+        crate::testing::with_store("netconf-adopt", async |store| {
+            let first = check(
+                store,
+                &cfg(&[
+                    "--backend",
+                    "directrouting",
+                    "--cluster-cidr",
+                    "10.50.0.0/16",
+                    "--subnet-len",
+                    "26",
+                    "--vxlan-port",
+                    "8472",
+                    "--vxlan-vni",
+                    "7",
+                ]),
+            )
+            .await
+            .unwrap();
+            assert_eq!(first.given, Given::ALL);
+            // A node given nothing takes every setting from the record, not its defaults.
+            let bare = cfg(&[]);
+            assert_eq!(bare.given, Given::default());
+            let joined = check(store, &bare).await.unwrap();
+            assert_eq!(
+                NetworkConfig::of(&joined),
+                NetworkConfig::of(&first),
+                "{joined:?}"
+            );
+            assert_eq!(joined.given, Given::ALL);
+            // A node given some takes the rest; what it was given must agree.
+            let some = check(store, &cfg(&["--backend", "directrouting"]))
+                .await
+                .unwrap();
+            assert_eq!((some.subnet_len, some.vxlan_vni), (26, 7));
+            let e = check(store, &cfg(&["--vxlan-vni", "1"])).await.unwrap_err();
+            assert!(
+                matches!(&e, Refused::Fatal(m) if m.contains("--vxlan-vni 1 (the cluster's: 7)")),
+                "{e:?}"
+            );
+            // The file counts as given, like a flag.
+            let dir = std::env::temp_dir().join(format!("weft-netconf-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join("weftd.json");
+            std::fs::write(&file, br#"{"backend": "host-gw"}"#).unwrap();
+            let e = check(store, &cfg(&["--config", file.to_str().unwrap()]))
+                .await
+                .unwrap_err();
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(
+                matches!(&e, Refused::Fatal(m) if m.contains("--backend host-gw (the cluster's: directrouting)")),
+                "{e:?}"
+            );
+            // The cluster's CIDR is checked against this node's Service CIDR.
+            let e = check(store, &cfg(&["--service-cidr", "10.50.128.0/17"]))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, Refused::Fatal(m) if m.contains("the cluster CIDR 10.50.0.0/16 overlaps --service-cidr 10.50.128.0/17")),
                 "{e:?}"
             );
         });

@@ -35,6 +35,9 @@ impl Drop for Agents {
     }
 }
 
+/// The settings the twenty agents are given.
+const CLUSTER: &[&str] = &["--backend", "host-gw", "--cluster-cidr", "10.244.0.0/19"];
+
 #[test]
 fn twenty_agent_processes_share_one_sqlite_file() {
     assert!(
@@ -54,8 +57,8 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     // Names whose first-choice subnets collide (two first choices for all twenty), so that the
     // processes race for the same keys.
     let names = colliding_names("10.244.0.0/19".parse().unwrap(), AGENTS as usize);
-    // One namespace more than agents: for a latecomer on other settings.
-    for i in 0..=AGENTS {
+    // Two namespaces more than agents: for latecomers.
+    for i in 0..AGENTS + 2 {
         let ns = ScratchNetns::new(PREFIX, &format!("n{i}")).unwrap();
         ip(&ns, &["link", "set", "lo", "up"]);
         ip(
@@ -80,16 +83,18 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         agents.namespaces.push(ns);
     }
     // All namespaces first, then every agent as fast as processes start, without --iface.
-    let spawn = |i: usize, name: &str, backend: &str| -> Child {
+    // `network`: the cluster-wide settings given to it.
+    let spawn = |i: usize, name: &str, network: &[&str]| -> Child {
         let node = dir.join(format!("node{i}"));
         std::fs::create_dir_all(&node).unwrap();
         let log = std::fs::File::create(node.join("weftd.log")).unwrap();
         let file = std::fs::File::open(agents.namespaces[i].path()).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftd"));
-        cmd.args(["--node-name", name, "--backend", backend])
+        cmd.args(["--node-name", name])
+            .args(network)
             .arg("--store")
             .arg(format!("sqlite://{}", db.display()))
-            .args(["--cluster-cidr", "10.244.0.0/19", "--lease-ttl", "10"])
+            .args(["--lease-ttl", "10"])
             .arg("--run-dir")
             .arg(node.join("run"))
             .arg("--state-dir")
@@ -107,7 +112,7 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         cmd.spawn().unwrap()
     };
     let started: Vec<Child> = (0..AGENTS as usize)
-        .map(|i| spawn(i, &names[i], "host-gw"))
+        .map(|i| spawn(i, &names[i], CLUSTER))
         .collect();
     agents.children.extend(started);
     let logs = |agents: &Agents| {
@@ -176,7 +181,11 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     // The first agent recorded the cluster's settings; a latecomer on another backend is refused
     // at start, with both values named, and leases nothing.
     let late = AGENTS as usize;
-    agents.children.push(spawn(late, "late", "vxlan"));
+    agents.children.push(spawn(
+        late,
+        "late",
+        &["--backend", "vxlan", "--cluster-cidr", "10.244.0.0/19"],
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(st) = agents.children.last_mut().unwrap().try_wait().unwrap() {
@@ -193,9 +202,40 @@ fn twenty_agent_processes_share_one_sqlite_file() {
     );
     assert!(!dir.join(format!("node{late}/run/subnet.env")).exists());
 
+    // A node given no network settings at all takes the cluster's (its own defaults would be
+    // vxlan in 10.244.0.0/16).
+    let bare = late + 1;
+    agents.children.push(spawn(bare, "bare", &[]));
+    let env_path = dir.join(format!("node{bare}/run/subnet.env"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env_path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the bare agent did not lease\n{}",
+            std::fs::read_to_string(dir.join(format!("node{bare}/weftd.log"))).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let l = rt.block_on(async {
+        let store = SqliteStore::open(&db).await.unwrap();
+        let (kvs, _) = store.list(LEASE_PREFIX).await.unwrap();
+        kvs.iter()
+            .map(|kv| serde_json::from_slice::<Lease>(&kv.value).unwrap())
+            .find(|l| l.node == "bare")
+            .unwrap()
+    });
+    assert_eq!(l.backend, weft_agent::backend::BackendKind::HostGw, "{l:?}");
+    let cluster: ipnet::Ipv4Net = "10.244.0.0/19".parse().unwrap();
+    assert!(cluster.contains(&l.subnet), "{l:?}");
+    let log = std::fs::read_to_string(dir.join(format!("node{bare}/weftd.log"))).unwrap();
+    assert!(
+        log.contains("--cluster-cidr 10.244.0.0/19, --backend host-gw"),
+        "{log}"
+    );
+
     // A second node under the first one's name takes its record at start (a restart looks the
     // same). The first agent says so, and does not take it back: no write war in the store.
-    agents.children.push(spawn(late, &names[0], "host-gw"));
+    agents.children.push(spawn(late, &names[0], CLUSTER));
     let first_log = dir.join("node0/weftd.log");
     let deadline = Instant::now() + Duration::from_secs(15);
     while !std::fs::read_to_string(&first_log)

@@ -18,9 +18,10 @@ pub struct NetworkArgs {
 enum NetworkCommand {
     /// Print the recorded settings (JSON).
     Show,
-    /// Forget them: the next agent to start records its own. To change the cluster's settings,
-    /// reset, then restart every node with the new ones (an agent still on the old settings that
-    /// starts first records those again).
+    /// Forget them: the next agent to start records its own (given or default). To change the
+    /// cluster's settings, reset, restart one node with the new ones given, then the others
+    /// (those given none take the new ones; one given the old ones that starts first records
+    /// those again).
     Reset,
 }
 
@@ -55,7 +56,8 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                 println!(
                     "{}",
                     if gone {
-                        "forgot the cluster's network settings: the next agent to start records its own"
+                        "forgot the cluster's network settings: the next agent to start records its own \
+                         (restart one with the new settings given, then the others)"
                     } else {
                         "no network settings were recorded"
                     }
