@@ -222,10 +222,16 @@ impl Flags {
             .unwrap_or("10.244.0.0/16".parse().expect("literal"))
             .trunc();
         let subnet_len = self.subnet_len.unwrap_or(24);
-        if subnet_len < cluster_cidr.prefix_len() || subnet_len > 30 {
+        // Against the cluster CIDR only where that was given too: otherwise the cluster's
+        // recorded one decides (network.rs checks the pair the node ends up with).
+        let least = if given.cluster_cidr {
+            cluster_cidr.prefix_len()
+        } else {
+            1
+        };
+        if subnet_len < least || subnet_len > 30 {
             return Err(format!(
-                "--subnet-len: /{subnet_len} must be between the cluster CIDR's /{} and /30",
-                cluster_cidr.prefix_len()
+                "--subnet-len: /{subnet_len} must be between the cluster CIDR's /{least} and /30"
             ));
         }
         let backend = self.backend.as_deref().unwrap_or("vxlan");
@@ -261,7 +267,7 @@ impl Flags {
             .service_cidr
             .unwrap_or("10.96.0.0/12".parse().expect("literal"));
         let service_cidr = asked.trunc();
-        if overlap(service_cidr, cluster_cidr) {
+        if given.cluster_cidr && overlap(service_cidr, cluster_cidr) {
             let network = if asked == service_cidr {
                 String::new()
             } else {
@@ -334,11 +340,10 @@ mod tests {
     fn errors_name_flag_and_value() {
         for args in [
             ["--backend", "ipsec"],
-            ["--subnet-len", "8"],
+            ["--subnet-len", "31"],
             ["--mode", "tunnel"],
             ["--store", "mysql://x"],
             ["--lease-ttl", "1"],
-            ["--service-cidr", "10.244.0.0/12"],
             ["--services-repair", "0"],
             ["--vxlan-port", "0"],
             ["--vxlan-vni", "16777216"],
@@ -347,6 +352,32 @@ mod tests {
             a.extend(args);
             let e = flags(&a).resolve().unwrap_err();
             assert!(e.contains(args[0]) && e.contains(args[1]), "{e}");
+        }
+    }
+
+    #[test]
+    fn cluster_cidr_checks_only_when_given() {
+        // Given together, the pair is checked at once.
+        for (args, needle) in [
+            (
+                ["--subnet-len", "8"],
+                "--subnet-len: /8 must be between the cluster CIDR's /16",
+            ),
+            (
+                ["--service-cidr", "10.244.0.0/12"],
+                "--service-cidr: 10.244.0.0/12 (network 10.240.0.0/12) overlaps the cluster CIDR",
+            ),
+        ] {
+            let mut a = vec!["--node-name", "n1", "--cluster-cidr", "10.244.0.0/16"];
+            a.extend(args);
+            let e = flags(&a).resolve().unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        // Alone, they wait for the cluster's CIDR (which may be a /8 elsewhere).
+        for args in [["--subnet-len", "8"], ["--service-cidr", "10.244.0.0/12"]] {
+            let mut a = vec!["--node-name", "n1"];
+            a.extend(args);
+            assert!(flags(&a).resolve().is_ok(), "{a:?}");
         }
     }
 

@@ -417,7 +417,9 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     tokio::spawn(http::serve(listener, health.clone()));
 
     // From here on the settings are the cluster's where this node was given none.
-    let (lease_id, lease, cfg) = lease_until_done(&*store, &cfg, &underlay).await?;
+    let (lease_id, lease, settled) = lease_until_done(&*store, &cfg, &underlay).await?;
+    crate::network::warn_unused(&cfg, settled.backend);
+    let cfg = settled;
     info!(
         "leased {} (store lease {lease_id}), backend {}",
         lease.subnet,

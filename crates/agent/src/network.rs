@@ -33,6 +33,28 @@ impl NetworkConfig {
         }
     }
 
+    /// What makes these settings unusable, whoever wrote them: a subnet length the CIDR cannot
+    /// hold, a VNI over 24 bits, port 0.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let least = self.cluster_cidr.prefix_len();
+        if self.subnet_len < least || self.subnet_len > 30 {
+            p.push(format!(
+                "subnet length /{} is not between the cluster CIDR's /{least} and /30",
+                self.subnet_len
+            ));
+        }
+        if let Some(v) = self.vxlan {
+            if !(1..=0xff_ffff).contains(&v.vni) {
+                p.push(format!("VXLAN VNI {} is not in 1..16777215", v.vni));
+            }
+            if v.port == 0 {
+                p.push("VXLAN port 0 is not a port".into());
+            }
+        }
+        p
+    }
+
     /// What differs from `cluster`, each as "--flag ours (the cluster's: theirs)". A cluster record
     /// without VXLAN settings (written by hand) means the defaults.
     fn differences(&self, cluster: &NetworkConfig) -> Vec<String> {
@@ -82,7 +104,7 @@ impl NetworkConfig {
 
     /// What differs in a peer's lease: its backend, VXLAN settings, or a subnet that is not one of
     /// ours. Used before the cluster has a record (an upgrade from an agent that wrote none).
-    fn differences_from_lease(&self, l: &Lease) -> Vec<String> {
+    pub fn differences_from_lease(&self, l: &Lease) -> Vec<String> {
         let mut d: Vec<String> = crate::backend::setting_differences(self.backend, self.vxlan, l)
             .into_iter()
             .map(|(_, m)| m)
@@ -163,23 +185,29 @@ fn taken(cfg: &Config, adopted: &Config) -> Vec<String> {
     t
 }
 
-/// What makes the cluster's settings unusable on this node: a record written by hand with a
-/// subnet length the CIDR cannot hold, or a cluster CIDR over this node's Service CIDR.
-fn unusable(c: &Config) -> Option<String> {
-    if c.subnet_len < c.cluster_cidr.prefix_len() || c.subnet_len > 30 {
-        return Some(format!(
-            "subnet length /{} must be between the cluster CIDR's /{} and /30",
-            c.subnet_len,
-            c.cluster_cidr.prefix_len()
-        ));
-    }
+/// What makes the settings a node ends up with unusable: see [`NetworkConfig::problems`]
+/// (a record written by hand, or flags given with defaults for the rest), and a cluster CIDR
+/// over this node's Service CIDR.
+fn unusable(c: &Config) -> Vec<String> {
+    let mut p = NetworkConfig::of(c).problems();
     if crate::config::overlap(c.cluster_cidr, c.service_cidr) {
-        return Some(format!(
+        p.push(format!(
             "the cluster CIDR {} overlaps --service-cidr {}",
             c.cluster_cidr, c.service_cidr
         ));
     }
-    None
+    p
+}
+
+/// Warns of VXLAN flags that `cfg` was given where the backend the node runs (`backend`,
+/// perhaps the cluster's) does not use them.
+pub fn warn_unused(cfg: &Config, backend: BackendKind) {
+    if !backend.uses_vxlan() && (cfg.given.vxlan_port || cfg.given.vxlan_vni) {
+        tracing::warn!(
+            "--vxlan-port and --vxlan-vni are not used: the backend is {}",
+            backend.as_str()
+        );
+    }
 }
 
 /// The settings this node runs with. If the store has none yet, this agent's become the
@@ -209,13 +237,22 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused>
             if !d.is_empty() {
                 return Err(Refused::Fatal(format!(
                     "the cluster has no {NETWORK_KEY} yet, and its leases disagree with this \
-                     node's settings: {}; start a node with the settings the others run first",
+                     node's settings: {}; start a node with the settings the others run first, \
+                     or write them with `weftctl network set`",
                     d.join(", ")
+                )));
+            }
+            let p = unusable(cfg);
+            if !p.is_empty() {
+                return Err(Refused::Fatal(format!(
+                    "this node's network settings cannot be used: {}",
+                    p.join(", ")
                 )));
             }
             let json = serde_json::to_vec(&ours).expect("serializable");
             match store.cas(NETWORK_KEY, 0, &json, None).await {
                 Ok(Some(_)) => {
+                    tracing::info!("recorded this node's network settings as the cluster's");
                     let mut c = cfg.clone();
                     c.given = Given::ALL;
                     return Ok(c);
@@ -224,25 +261,29 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused>
                 Err(e) => return Err(store_error(format!("writing {NETWORK_KEY}"), e)),
             }
         };
-        let cluster: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
+        let mut cluster: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
             Refused::Fatal(format!(
                 "{NETWORK_KEY} in the store is not a NetworkConfig ({e}); fix it, or reset it \
                  with `weftctl network reset`"
             ))
         })?;
+        // A record written by hand may carry host bits.
+        cluster.cluster_cidr = cluster.cluster_cidr.trunc();
         let adopted = adopt(cfg, &cluster);
         let d = NetworkConfig::of(&adopted).differences(&cluster);
         if !d.is_empty() {
             return Err(Refused::Fatal(format!(
                 "this node's network settings are not the cluster's ({NETWORK_KEY}): {}; leave \
                  them out to take the cluster's, or change the cluster's with `weftctl network \
-                 reset` and then restart every node",
+                 set` and then restart every node",
                 d.join(", ")
             )));
         }
-        if let Some(why) = unusable(&adopted) {
+        let p = unusable(&adopted);
+        if !p.is_empty() {
             return Err(Refused::Fatal(format!(
-                "the cluster's network settings ({NETWORK_KEY}) cannot be used here: {why}"
+                "the cluster's network settings ({NETWORK_KEY}) cannot be used here: {}",
+                p.join(", ")
             )));
         }
         let t = taken(cfg, &adopted);
@@ -378,6 +419,45 @@ mod tests {
                 matches!(&e, Refused::Fatal(m) if m.contains("the cluster CIDR 10.50.0.0/16 overlaps --service-cidr 10.50.128.0/17")),
                 "{e:?}"
             );
+        });
+    }
+
+    #[test]
+    fn unusable_settings_are_refused() {
+        crate::testing::with_store("netconf-bad", async |store| {
+            // On an empty store, a subnet length given alone is checked against the default CIDR
+            // before it is recorded.
+            let e = check(store, &cfg(&["--subnet-len", "8"]))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, Refused::Fatal(m) if m.contains("subnet length /8 is not between the cluster CIDR's /16 and /30")),
+                "{e:?}"
+            );
+            assert!(store.get(NETWORK_KEY).await.unwrap().is_none());
+            // A record written by hand: a subnet length the CIDR cannot hold, a 25-bit VNI,
+            // port 0, host bits in the CIDR. Each problem is named; nothing is adopted.
+            let hand = br#"{"clusterCidr": "10.60.1.0/16", "subnetLen": 12, "backend": "vxlan",
+                "vxlan": {"vni": 16777216, "port": 0}}"#;
+            store.put(NETWORK_KEY, hand, None).await.unwrap();
+            let e = check(store, &cfg(&[])).await.unwrap_err();
+            let Refused::Fatal(m) = &e else {
+                panic!("{e:?}")
+            };
+            for part in [
+                "cannot be used here",
+                "subnet length /12 is not between the cluster CIDR's /16 and /30",
+                "VXLAN VNI 16777216 is not in 1..16777215",
+                "VXLAN port 0 is not a port",
+            ] {
+                assert!(m.contains(part), "{m} lacks {part}");
+            }
+            // Host bits are dropped, and a host-gw record leaves VXLAN flags given alone.
+            let hand = br#"{"clusterCidr": "10.60.1.0/16", "subnetLen": 24, "backend": "host-gw"}"#;
+            store.put(NETWORK_KEY, hand, None).await.unwrap();
+            let c = check(store, &cfg(&["--vxlan-port", "8472"])).await.unwrap();
+            assert_eq!(c.cluster_cidr.to_string(), "10.60.0.0/16");
+            assert_eq!((c.backend, c.vxlan()), (BackendKind::HostGw, None));
         });
     }
 

@@ -232,6 +232,13 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         log.contains("--cluster-cidr 10.244.0.0/19, --backend host-gw"),
         "{log}"
     );
+    // What the plugin is told follows too: the cluster's CIDR, and host-gw's MTU (the underlay's
+    // 1500; vxlan, the default, would give 1450).
+    let env = std::fs::read_to_string(&env_path).unwrap();
+    assert!(
+        env.contains("WEFT_NETWORK=10.244.0.0/19") && env.contains("WEFT_MTU=1500"),
+        "{env}"
+    );
 
     // A second node under the first one's name takes its record at start (a restart looks the
     // same). The first agent says so, and does not take it back: no write war in the store.

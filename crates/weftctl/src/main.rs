@@ -20,7 +20,7 @@ enum Command {
     Lab(lab::LabArgs),
     /// Take a node out of the cluster's network.
     Node(node::NodeArgs),
-    /// The cluster's network settings as the agents recorded them: show, or reset to change them.
+    /// The cluster's network settings: show, set, or reset.
     Network(network::NetworkArgs),
     /// Services as this node programs them: frontends, endpoints, connection counters.
     Services(services::ServicesArgs),

@@ -1,8 +1,12 @@
-//! `weftctl network show|reset`: the cluster's network settings as the agents recorded them
-//! (`/weft/config/network`, see weft-agent's network.rs).
+//! `weftctl network show|set|reset`: the cluster's network settings (`/weft/config/network`, see
+//! weft-agent's network.rs). The first agent records them; agents given none take them from
+//! there.
 
 use clap::{Args, Subcommand};
-use weft_agent::network::NETWORK_KEY;
+use ipnet::Ipv4Net;
+use weft_agent::backend::{BackendKind, VXLAN_PORT, VXLAN_VNI};
+use weft_agent::lease::{Lease, VxlanSettings, LEASE_PREFIX};
+use weft_agent::network::{NetworkConfig, NETWORK_KEY};
 use weft_store::Store;
 
 #[derive(Args)]
@@ -18,11 +22,31 @@ pub struct NetworkArgs {
 enum NetworkCommand {
     /// Print the recorded settings (JSON).
     Show,
-    /// Forget them: the next agent to start records its own (given or default). To change the
-    /// cluster's settings, reset, restart one node with the new ones given, then the others
-    /// (those given none take the new ones; one given the old ones that starts first records
-    /// those again).
+    /// Write the cluster's settings: the ones given replace the recorded ones (or the defaults,
+    /// before any agent has started). Agents given none of them take them when they next start;
+    /// restart every node after a change.
+    Set(SetArgs),
+    /// Forget them: the next agent to start records its own (given or default).
     Reset,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    /// The pod CIDR, cut into node subnets.
+    #[arg(long)]
+    cluster_cidr: Option<Ipv4Net>,
+    /// Prefix length of a node's subnet.
+    #[arg(long)]
+    subnet_len: Option<u8>,
+    /// host-gw, vxlan or directrouting.
+    #[arg(long)]
+    backend: Option<String>,
+    /// UDP port of the VXLAN tunnel.
+    #[arg(long)]
+    vxlan_port: Option<u16>,
+    /// VXLAN network identifier.
+    #[arg(long)]
+    vxlan_vni: Option<u32>,
 }
 
 pub fn run(a: NetworkArgs) -> i32 {
@@ -32,6 +56,45 @@ pub fn run(a: NetworkArgs) -> i32 {
             eprintln!("weftctl network: {e}");
             1
         }
+    }
+}
+
+/// `base` with what `a` gives; errors name the flag and value.
+fn with(base: &NetworkConfig, a: &SetArgs) -> Result<NetworkConfig, String> {
+    let backend = match &a.backend {
+        Some(b) => BackendKind::parse(b).ok_or_else(|| {
+            format!("--backend: {b:?} is not one of host-gw, vxlan, directrouting")
+        })?,
+        None => base.backend,
+    };
+    let vxlan = base.vxlan.unwrap_or(VxlanSettings {
+        vni: VXLAN_VNI,
+        port: VXLAN_PORT,
+    });
+    let vxlan = VxlanSettings {
+        vni: a.vxlan_vni.unwrap_or(vxlan.vni),
+        port: a.vxlan_port.unwrap_or(vxlan.port),
+    };
+    if (a.vxlan_port.is_some() || a.vxlan_vni.is_some()) && !backend.uses_vxlan() {
+        return Err(format!(
+            "--vxlan-port and --vxlan-vni: the backend {} does not use VXLAN",
+            backend.as_str()
+        ));
+    }
+    let c = NetworkConfig {
+        cluster_cidr: a
+            .cluster_cidr
+            .map(|c| c.trunc())
+            .unwrap_or(base.cluster_cidr),
+        subnet_len: a.subnet_len.unwrap_or(base.subnet_len),
+        backend,
+        vxlan: backend.uses_vxlan().then_some(vxlan),
+    };
+    let p = c.problems();
+    if p.is_empty() {
+        Ok(c)
+    } else {
+        Err(p.join(", "))
     }
 }
 
@@ -48,6 +111,57 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                     })?;
                 println!("{}", String::from_utf8_lossy(&kv.value));
             }
+            NetworkCommand::Set(set) => {
+                let current = store
+                    .get(NETWORK_KEY)
+                    .await
+                    .map_err(|e| format!("reading {NETWORK_KEY}: {e}"))?;
+                let (base, revision) = match &current {
+                    Some(kv) => {
+                        let c: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
+                            format!("{NETWORK_KEY} is not a NetworkConfig ({e}); `reset` it first")
+                        })?;
+                        (c, kv.mod_revision)
+                    }
+                    None => (
+                        NetworkConfig {
+                            cluster_cidr: "10.244.0.0/16".parse().expect("literal"),
+                            subnet_len: 24,
+                            backend: BackendKind::Vxlan,
+                            vxlan: None,
+                        },
+                        0,
+                    ),
+                };
+                let new = with(&base, &set)?;
+                let json = serde_json::to_vec(&new).expect("serializable");
+                // Against the revision read: an agent recording its own meanwhile is not
+                // overwritten unseen.
+                store
+                    .cas(NETWORK_KEY, revision, &json, None)
+                    .await
+                    .map_err(|e| format!("writing {NETWORK_KEY}: {e}"))?
+                    .ok_or_else(|| format!("{NETWORK_KEY} changed while it was read; try again"))?;
+                println!("{}", String::from_utf8_lossy(&json));
+                // Who still runs other settings: they need a restart (and, if they were given
+                // the old settings, new flags).
+                let (leases, _) = store
+                    .list(LEASE_PREFIX)
+                    .await
+                    .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?;
+                let behind: Vec<String> = leases
+                    .iter()
+                    .filter_map(|kv| serde_json::from_slice::<Lease>(&kv.value).ok())
+                    .filter(|l| !new.differences_from_lease(l).is_empty())
+                    .map(|l| l.node)
+                    .collect();
+                if !behind.is_empty() {
+                    println!(
+                        "restart these nodes to take the new settings: {}",
+                        behind.join(" ")
+                    );
+                }
+            }
             NetworkCommand::Reset => {
                 let gone = store
                     .delete(NETWORK_KEY)
@@ -56,8 +170,7 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                 println!(
                     "{}",
                     if gone {
-                        "forgot the cluster's network settings: the next agent to start records its own \
-                         (restart one with the new settings given, then the others)"
+                        "forgot the cluster's network settings: the next agent to start records its own"
                     } else {
                         "no network settings were recorded"
                     }

@@ -22,9 +22,9 @@ pub struct ServicesArgs {
     /// weftd's --service-cidr.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: ipnet::Ipv4Net,
-    /// weftd's --cluster-cidr.
-    #[arg(long, default_value = "10.244.0.0/16")]
-    cluster_cidr: ipnet::Ipv4Net,
+    /// weftd's --cluster-cidr (default: the cluster's, from the store, or 10.244.0.0/16).
+    #[arg(long)]
+    cluster_cidr: Option<ipnet::Ipv4Net>,
 }
 
 /// Connections per frontend, from the per-element counters of `service-ips` and
@@ -68,7 +68,14 @@ pub fn run(a: ServicesArgs) -> i32 {
 }
 
 fn list(a: ServicesArgs) -> Result<(), String> {
-    let (services, slices) = crate::with_store(&a.store, async |store| {
+    let (services, slices, recorded) = crate::with_store(&a.store, async |store| {
+        let recorded = store
+            .get(weft_agent::network::NETWORK_KEY)
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|kv| {
+                serde_json::from_slice::<weft_agent::network::NetworkConfig>(&kv.value).ok()
+            });
         let (s, _) = store
             .list("/registry/services/specs/")
             .await
@@ -77,8 +84,12 @@ fn list(a: ServicesArgs) -> Result<(), String> {
             .list("/registry/endpointslices/")
             .await
             .map_err(|e| e.to_string())?;
-        Ok::<_, String>((s, e))
+        Ok::<_, String>((s, e, recorded))
     })?;
+    let cluster_cidr = a
+        .cluster_cidr
+        .or(recorded.map(|r| r.cluster_cidr.trunc()))
+        .unwrap_or("10.244.0.0/16".parse().expect("literal"));
     let node = match a.node {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -95,7 +106,7 @@ fn list(a: ServicesArgs) -> Result<(), String> {
     let objects = weft_services::parse_all(&to_map(services), &to_map(slices), a.service_cidr);
     let facts = weft_services::NodeFacts {
         node,
-        cluster_cidr: a.cluster_cidr,
+        cluster_cidr,
         local_subnet,
     };
     let rs = weft_services::compile(&facts, &objects);

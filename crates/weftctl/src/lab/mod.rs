@@ -234,7 +234,8 @@ pub fn run(args: LabArgs) -> i32 {
                     Err("etcd is running already".into())
                 }
                 StoreCommand::Start => {
-                    s.etcd_pid = Some(lab.start_etcd(&s.router_netns.clone())?);
+                    let pid = lab.start_etcd(s.router())?;
+                    s.etcd_pid = Some(pid);
                     Ok(())
                 }
             }
@@ -937,7 +938,7 @@ impl Lab {
         let s = self.load()?;
         let netns = match target {
             "fabric" => s.fabric_netns.clone(),
-            "router" => s.router_netns.clone(),
+            "router" => s.router().to_string(),
             "outside" => s.outside_netns.clone(),
             t => s
                 .nodes

@@ -50,7 +50,7 @@ impl Session {
 
 /// Runs `f` with a store session opened from inside the router namespace.
 pub fn session<T: Send>(s: &LabState, f: impl FnOnce(&Session) -> Result<T> + Send) -> Result<T> {
-    let ns = Netns::open(NamedNetns::path(&s.router_netns)).map_err(|e| e.to_string())?;
+    let ns = Netns::open(NamedNetns::path(s.router())).map_err(|e| e.to_string())?;
     let url = s.store_url.clone();
     ns.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()

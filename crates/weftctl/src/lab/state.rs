@@ -17,6 +17,8 @@ pub struct LabState {
     /// The switch: one bridge per underlay subnet, no addresses.
     pub fabric_netns: String,
     /// The nodes' gateway, between the underlay subnets and to the outside; etcd runs here.
+    /// Empty in a lab made before the router had a namespace of its own: see [`LabState::router`].
+    #[serde(default)]
     pub router_netns: String,
     pub outside_netns: String,
     pub nodes: Vec<NodeState>,
@@ -57,6 +59,15 @@ pub struct PodState {
 }
 
 impl LabState {
+    /// The router's namespace; the fabric's in a lab whose fabric was also the router.
+    pub fn router(&self) -> &str {
+        if self.router_netns.is_empty() {
+            &self.fabric_netns
+        } else {
+            &self.router_netns
+        }
+    }
+
     pub fn load(path: &Path) -> Result<LabState, String> {
         let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
