@@ -146,6 +146,13 @@ pub fn valid_node_name(s: &str) -> bool {
         && !s.ends_with(['-', '.'])
 }
 
+/// Defaults shared with weftctl: the cluster-wide settings' (for the first node; later ones take
+/// the cluster's), and the Service CIDR's.
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
+pub const DEFAULT_SUBNET_LEN: u8 = 24;
+pub const DEFAULT_BACKEND: BackendKind = BackendKind::Vxlan;
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+
 /// Whether two CIDRs share an address.
 pub fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
@@ -219,9 +226,9 @@ impl Flags {
         }
         let cluster_cidr = self
             .cluster_cidr
-            .unwrap_or("10.244.0.0/16".parse().expect("literal"))
+            .unwrap_or(DEFAULT_CLUSTER_CIDR.parse().expect("literal"))
             .trunc();
-        let subnet_len = self.subnet_len.unwrap_or(24);
+        let subnet_len = self.subnet_len.unwrap_or(DEFAULT_SUBNET_LEN);
         // Against the cluster CIDR only where that was given too: otherwise the cluster's
         // recorded one decides (network.rs checks the pair the node ends up with).
         let least = if given.cluster_cidr {
@@ -230,11 +237,15 @@ impl Flags {
             1
         };
         if subnet_len < least || subnet_len > 30 {
-            return Err(format!(
-                "--subnet-len: /{subnet_len} must be between the cluster CIDR's /{least} and /30"
-            ));
+            return Err(if given.cluster_cidr {
+                format!(
+                    "--subnet-len: /{subnet_len} must be between the cluster CIDR's /{least} and /30"
+                )
+            } else {
+                format!("--subnet-len: /{subnet_len} is not in /1../30")
+            });
         }
-        let backend = self.backend.as_deref().unwrap_or("vxlan");
+        let backend = self.backend.as_deref().unwrap_or(DEFAULT_BACKEND.as_str());
         let backend = BackendKind::parse(backend).ok_or_else(|| {
             format!("--backend: {backend:?} is not one of host-gw, vxlan, directrouting")
         })?;
@@ -265,7 +276,7 @@ impl Flags {
         }
         let asked = self
             .service_cidr
-            .unwrap_or("10.96.0.0/12".parse().expect("literal"));
+            .unwrap_or(DEFAULT_SERVICE_CIDR.parse().expect("literal"));
         let service_cidr = asked.trunc();
         if given.cluster_cidr && overlap(service_cidr, cluster_cidr) {
             let network = if asked == service_cidr {

@@ -307,7 +307,18 @@ async fn lease_once<S: Store>(
     cfg: &Config,
     underlay: &Underlay,
 ) -> Result<(LeaseId, Lease, Config), Refused> {
-    let cfg = &crate::network::check(store, cfg).await?;
+    let cfg = crate::network::check(store, cfg).await?;
+    let (id, l) = grant_and_acquire(store, &cfg, underlay).await?;
+    Ok((id, l, cfg))
+}
+
+/// A store lease, and the node's subnet on it (the store lease revoked again if no subnet could
+/// be had).
+async fn grant_and_acquire<S: Store>(
+    store: &S,
+    cfg: &Config,
+    underlay: &Underlay,
+) -> Result<(LeaseId, Lease), Refused> {
     let id = store.grant(cfg.lease_ttl).await.map_err(|e| {
         let what = format!(
             "granting a store lease of {} s in {}",
@@ -317,7 +328,7 @@ async fn lease_once<S: Store>(
         store_error(what, e)
     })?;
     match acquire(store, cfg, underlay, id).await {
-        Ok(l) => Ok((id, l, cfg.clone())),
+        Ok(l) => Ok((id, l)),
         Err(e) => {
             let _ = store.revoke(id).await;
             Err(Refused::Again(e))
@@ -359,8 +370,14 @@ async fn keep_lease<S: Store>(
                 m.lease_renew_errors.inc();
                 warn!("the store lost lease {id}; leasing again");
                 let underlay = underlay.lock().expect("not poisoned").clone();
-                match lease_once(&*store, &cfg, &underlay).await {
-                    Ok((id, l, _)) => {
+                // With the settings this agent runs, even if the cluster's have changed since
+                // (`weftctl network set`): dropping the subnet before a restart onto the new
+                // ones would leave this node's pods without a lease, and their subnet free.
+                if let Err(Refused::Fatal(e)) = crate::network::check(&*store, &cfg).await {
+                    warn!("restart this agent to take the cluster's settings: {e}");
+                }
+                match grant_and_acquire(&*store, &cfg, &underlay).await {
+                    Ok((id, l)) => {
                         // Stored with no await since the record was written, so the main loop
                         // (same thread) never sees the record before the id it was written with.
                         lease_id.store(id, Ordering::Relaxed);

@@ -1,6 +1,6 @@
 //! The cluster's network settings, kept once in the store (`/weft/config/network`): the pod CIDR,
-//! the node subnet length, the backend and its VXLAN settings. The first agent to start writes its
-//! own. A later agent takes the cluster's for every setting it was not given (so a node joins
+//! the node subnet length, the backend and its VXLAN settings. `weftctl network set` writes them,
+//! or else the first agent to start writes its own. An agent takes the cluster's for every setting it was not given (so a node joins
 //! with no network flags at all); what it was given must agree, or it refuses to start and names
 //! both sides. A node on other settings would lease from another range or tunnel to nobody.
 
@@ -24,6 +24,23 @@ pub struct NetworkConfig {
 }
 
 impl NetworkConfig {
+    /// A node's settings when it is given none and the store has none.
+    pub fn defaults() -> NetworkConfig {
+        NetworkConfig {
+            cluster_cidr: crate::config::DEFAULT_CLUSTER_CIDR
+                .parse()
+                .expect("literal"),
+            subnet_len: crate::config::DEFAULT_SUBNET_LEN,
+            backend: crate::config::DEFAULT_BACKEND,
+            vxlan: crate::config::DEFAULT_BACKEND
+                .uses_vxlan()
+                .then_some(VxlanSettings {
+                    vni: crate::backend::VXLAN_VNI,
+                    port: crate::backend::VXLAN_PORT,
+                }),
+        }
+    }
+
     pub fn of(cfg: &Config) -> NetworkConfig {
         NetworkConfig {
             cluster_cidr: cfg.cluster_cidr,
@@ -34,22 +51,22 @@ impl NetworkConfig {
     }
 
     /// What makes these settings unusable, whoever wrote them: a subnet length the CIDR cannot
-    /// hold, a VNI over 24 bits, port 0.
+    /// hold, a VNI over 24 bits, port 0. Each names the setting as its flag, with the value.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         let least = self.cluster_cidr.prefix_len();
         if self.subnet_len < least || self.subnet_len > 30 {
             p.push(format!(
-                "subnet length /{} is not between the cluster CIDR's /{least} and /30",
-                self.subnet_len
+                "--subnet-len {} is not between --cluster-cidr {}'s /{least} and /30",
+                self.subnet_len, self.cluster_cidr
             ));
         }
         if let Some(v) = self.vxlan {
             if !(1..=0xff_ffff).contains(&v.vni) {
-                p.push(format!("VXLAN VNI {} is not in 1..16777215", v.vni));
+                p.push(format!("--vxlan-vni {} is not in 1..16777215", v.vni));
             }
             if v.port == 0 {
-                p.push("VXLAN port 0 is not a port".into());
+                p.push("--vxlan-port 0 is not a port".into());
             }
         }
         p
@@ -245,7 +262,8 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused>
             let p = unusable(cfg);
             if !p.is_empty() {
                 return Err(Refused::Fatal(format!(
-                    "this node's network settings cannot be used: {}",
+                    "this node's network settings (the defaults where none was given) cannot be \
+                     used: {}",
                     p.join(", ")
                 )));
             }
@@ -431,7 +449,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(
-                matches!(&e, Refused::Fatal(m) if m.contains("subnet length /8 is not between the cluster CIDR's /16 and /30")),
+                matches!(&e, Refused::Fatal(m) if m.contains("(the defaults where none was given) cannot be used: --subnet-len 8 is not between --cluster-cidr 10.244.0.0/16's /16 and /30")),
                 "{e:?}"
             );
             assert!(store.get(NETWORK_KEY).await.unwrap().is_none());
@@ -446,9 +464,9 @@ mod tests {
             };
             for part in [
                 "cannot be used here",
-                "subnet length /12 is not between the cluster CIDR's /16 and /30",
-                "VXLAN VNI 16777216 is not in 1..16777215",
-                "VXLAN port 0 is not a port",
+                "--subnet-len 12 is not between --cluster-cidr 10.60.0.0/16's /16 and /30",
+                "--vxlan-vni 16777216 is not in 1..16777215",
+                "--vxlan-port 0 is not a port",
             ] {
                 assert!(m.contains(part), "{m} lacks {part}");
             }

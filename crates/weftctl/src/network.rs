@@ -1,10 +1,11 @@
 //! `weftctl network show|set|reset`: the cluster's network settings (`/weft/config/network`, see
-//! weft-agent's network.rs). The first agent records them; agents given none take them from
-//! there.
+//! weft-agent's network.rs). `set` writes them, or else the first agent to start records its own;
+//! agents take from there every setting they are not given.
 
 use clap::{Args, Subcommand};
 use ipnet::Ipv4Net;
 use weft_agent::backend::{BackendKind, VXLAN_PORT, VXLAN_VNI};
+use weft_agent::config::{overlap, DEFAULT_SERVICE_CIDR};
 use weft_agent::lease::{Lease, VxlanSettings, LEASE_PREFIX};
 use weft_agent::network::{NetworkConfig, NETWORK_KEY};
 use weft_store::Store;
@@ -23,8 +24,8 @@ enum NetworkCommand {
     /// Print the recorded settings (JSON).
     Show,
     /// Write the cluster's settings: the ones given replace the recorded ones (or the defaults,
-    /// before any agent has started). Agents given none of them take them when they next start;
-    /// restart every node after a change.
+    /// before any agent has started). Agents take the settings they are not given when they
+    /// next start: restart the nodes it names after a change.
     Set(SetArgs),
     /// Forget them: the next agent to start records its own (given or default).
     Reset,
@@ -47,6 +48,9 @@ struct SetArgs {
     /// VXLAN network identifier.
     #[arg(long)]
     vxlan_vni: Option<u32>,
+    /// The agents' --service-cidr, which the cluster CIDR must not overlap (not recorded).
+    #[arg(long, default_value = DEFAULT_SERVICE_CIDR)]
+    service_cidr: Ipv4Net,
 }
 
 pub fn run(a: NetworkArgs) -> i32 {
@@ -75,11 +79,21 @@ fn with(base: &NetworkConfig, a: &SetArgs) -> Result<NetworkConfig, String> {
         vni: a.vxlan_vni.unwrap_or(vxlan.vni),
         port: a.vxlan_port.unwrap_or(vxlan.port),
     };
-    if (a.vxlan_port.is_some() || a.vxlan_vni.is_some()) && !backend.uses_vxlan() {
-        return Err(format!(
-            "--vxlan-port and --vxlan-vni: the backend {} does not use VXLAN",
-            backend.as_str()
-        ));
+    if !backend.uses_vxlan() {
+        let given: Vec<String> = [
+            a.vxlan_port.map(|p| format!("--vxlan-port {p}")),
+            a.vxlan_vni.map(|v| format!("--vxlan-vni {v}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !given.is_empty() {
+            return Err(format!(
+                "{}: the backend {} does not use VXLAN",
+                given.join(", "),
+                backend.as_str()
+            ));
+        }
     }
     let c = NetworkConfig {
         cluster_cidr: a
@@ -90,7 +104,14 @@ fn with(base: &NetworkConfig, a: &SetArgs) -> Result<NetworkConfig, String> {
         backend,
         vxlan: backend.uses_vxlan().then_some(vxlan),
     };
-    let p = c.problems();
+    let mut p = c.problems();
+    if overlap(c.cluster_cidr, a.service_cidr.trunc()) {
+        p.push(format!(
+            "--cluster-cidr {} overlaps --service-cidr {} (the agents' Service CIDR; give theirs \
+             if it is not the default)",
+            c.cluster_cidr, a.service_cidr
+        ));
+    }
     if p.is_empty() {
         Ok(c)
     } else {
@@ -107,7 +128,11 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("reading {NETWORK_KEY}: {e}"))?
                     .ok_or_else(|| {
-                        format!("no {NETWORK_KEY} in {}: no agent has started yet", a.store)
+                        format!(
+                            "no {NETWORK_KEY} in {}: no agent has recorded its settings and \
+                             none were set (or they were reset)",
+                            a.store
+                        )
                     })?;
                 println!("{}", String::from_utf8_lossy(&kv.value));
             }
@@ -121,19 +146,12 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                         let c: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
                             format!("{NETWORK_KEY} is not a NetworkConfig ({e}); `reset` it first")
                         })?;
-                        (c, kv.mod_revision)
+                        (Some(c), kv.mod_revision)
                     }
-                    None => (
-                        NetworkConfig {
-                            cluster_cidr: "10.244.0.0/16".parse().expect("literal"),
-                            subnet_len: 24,
-                            backend: BackendKind::Vxlan,
-                            vxlan: None,
-                        },
-                        0,
-                    ),
+                    None => (None, 0),
                 };
-                let new = with(&base, &set)?;
+                let old = base.clone().unwrap_or_else(NetworkConfig::defaults);
+                let new = with(&old, &set)?;
                 let json = serde_json::to_vec(&new).expect("serializable");
                 // Against the revision read: an agent recording its own meanwhile is not
                 // overwritten unseen.
@@ -144,7 +162,12 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                     .ok_or_else(|| format!("{NETWORK_KEY} changed while it was read; try again"))?;
                 println!("{}", String::from_utf8_lossy(&json));
                 // Who still runs other settings: they need a restart (and, if they were given
-                // the old settings, new flags).
+                // the old settings, new flags). A lease does not carry the CIDR, so a new CIDR or
+                // subnet length (or a first record: the nodes ran on their own) puts every node
+                // behind.
+                let everyone = base.is_none_or(|b| {
+                    b.cluster_cidr != new.cluster_cidr || b.subnet_len != new.subnet_len
+                });
                 let (leases, _) = store
                     .list(LEASE_PREFIX)
                     .await
@@ -152,7 +175,7 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                 let behind: Vec<String> = leases
                     .iter()
                     .filter_map(|kv| serde_json::from_slice::<Lease>(&kv.value).ok())
-                    .filter(|l| !new.differences_from_lease(l).is_empty())
+                    .filter(|l| everyone || !new.differences_from_lease(l).is_empty())
                     .map(|l| l.node)
                     .collect();
                 if !behind.is_empty() {

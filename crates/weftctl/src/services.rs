@@ -20,9 +20,10 @@ pub struct ServicesArgs {
     #[arg(long, default_value = "/run/weft")]
     run_dir: PathBuf,
     /// weftd's --service-cidr.
-    #[arg(long, default_value = "10.96.0.0/12")]
+    #[arg(long, default_value = weft_agent::config::DEFAULT_SERVICE_CIDR)]
     service_cidr: ipnet::Ipv4Net,
-    /// weftd's --cluster-cidr (default: the cluster's, from the store, or 10.244.0.0/16).
+    /// weftd's --cluster-cidr (default: the one in its subnet.env, else the cluster's from the
+    /// store, else 10.244.0.0/16).
     #[arg(long)]
     cluster_cidr: Option<ipnet::Ipv4Net>,
 }
@@ -69,10 +70,12 @@ pub fn run(a: ServicesArgs) -> i32 {
 
 fn list(a: ServicesArgs) -> Result<(), String> {
     let (services, slices, recorded) = crate::with_store(&a.store, async |store| {
+        // Only a fallback: a store that cannot say leaves it to the default.
         let recorded = store
             .get(weft_agent::network::NETWORK_KEY)
             .await
-            .map_err(|e| e.to_string())?
+            .ok()
+            .flatten()
             .and_then(|kv| {
                 serde_json::from_slice::<weft_agent::network::NetworkConfig>(&kv.value).ok()
             });
@@ -86,10 +89,6 @@ fn list(a: ServicesArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         Ok::<_, String>((s, e, recorded))
     })?;
-    let cluster_cidr = a
-        .cluster_cidr
-        .or(recorded.map(|r| r.cluster_cidr.trunc()))
-        .unwrap_or("10.244.0.0/16".parse().expect("literal"));
     let node = match a.node {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -97,9 +96,17 @@ fn list(a: ServicesArgs) -> Result<(), String> {
             .unwrap_or_default(),
     };
     // Without subnet.env (no agent here) no endpoint counts as local.
-    let local_subnet = SubnetEnv::read(&a.run_dir.join(SUBNET_FILE))?
+    let env = SubnetEnv::read(&a.run_dir.join(SUBNET_FILE))?;
+    let local_subnet = env
+        .as_ref()
         .and_then(|env| env.subnet)
         .unwrap_or("0.0.0.0/32".parse().expect("literal"));
+    // What this node's agent runs with comes first: the record may have changed since it started.
+    let cluster_cidr = a
+        .cluster_cidr
+        .or(env.and_then(|env| env.network))
+        .or(recorded.map(|r| r.cluster_cidr.trunc()))
+        .unwrap_or_else(|| weft_agent::network::NetworkConfig::defaults().cluster_cidr);
     let to_map = |kvs: Vec<weft_store::KeyValue>| -> BTreeMap<String, Vec<u8>> {
         kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
     };

@@ -329,6 +329,52 @@ fn node_leave_and_lease_expiry() {
         || network("show").0,
     );
 
+    // The cluster's settings changed under the running agents (`network set`), then node2's
+    // store lease is lost: its agent leases again on the settings it runs, and says to restart
+    // it, instead of leaving its pods without a lease and their subnet free.
+    let set = |args: &[&str]| {
+        let mut a = vec!["network", "set", "--store", &store];
+        a.extend(args);
+        let out = lab.weftctl(&a);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = set(&["--backend", "vxlan"]);
+    assert!(
+        out.contains("restart these nodes to take the new settings: node"),
+        "{out}"
+    );
+    let record2 = format!("/weft/leases/{}", s2.replace('/', "-"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use weft_store::Store;
+        let db = weft_store::AnyStore::open(&store).await.unwrap();
+        let kv = db.get(&record2).await.unwrap().expect("node2's record");
+        db.revoke(kv.lease.expect("on a store lease"))
+            .await
+            .unwrap();
+        assert!(db.get(&record2).await.unwrap().is_none(), "gone with it");
+    });
+    let log2 = lab.state_dir.join(&lab.name).join("node2/weftd.log");
+    wait_for(
+        "node2 to lease its subnet again on its own settings",
+        Duration::from_secs(15),
+        || {
+            store_key(&record2, false)
+                && std::fs::read_to_string(&log2)
+                    .unwrap()
+                    .contains("restart this agent to take the cluster's settings")
+                && lab
+                    .ip("node1", &["route", "show", &s2])
+                    .contains("proto 202")
+        },
+    );
+    assert_eq!(lab.subnet("node2"), s2);
+    set(&["--backend", "host-gw"]);
+
     // node1's lease record deleted by hand: its agent puts it back, and the peers route to it again.
     let record1 = format!("/weft/leases/{}", s1.replace('/', "-"));
     store_key(&record1, true);

@@ -42,6 +42,24 @@ fn set_show_reset() {
 
     let (ok, out) = network(&store, &["show"]);
     assert!(!ok && out.contains("no /weft/config/network"), "{out}");
+    // The cluster CIDR must leave the agents' Service CIDR alone: 10.0.0.0/9 holds the default
+    // 10.96.0.0/12; with the agents' own, it is fine.
+    let (ok, out) = network(&store, &["set", "--cluster-cidr", "10.0.0.0/9"]);
+    assert!(
+        !ok && out.contains("--cluster-cidr 10.0.0.0/9 overlaps --service-cidr 10.96.0.0/12"),
+        "{out}"
+    );
+    let (ok, out) = network(
+        &store,
+        &[
+            "set",
+            "--cluster-cidr",
+            "10.0.0.0/9",
+            "--service-cidr",
+            "172.20.0.0/16",
+        ],
+    );
+    assert!(ok, "{out}");
     // Before any agent: the defaults, with what is given.
     let (ok, out) = network(&store, &["set", "--cluster-cidr", "10.50.3.0/16"]);
     assert!(ok, "{out}");
@@ -86,11 +104,22 @@ fn set_show_reset() {
         out.contains("restart these nodes to take the new settings: n1\n"),
         "{out}"
     );
+    // A wider CIDR keeps every lease inside it, but no node runs it yet: all are behind.
+    let (ok, out) = network(&store, &["set", "--cluster-cidr", "10.50.0.0/15"]);
+    assert!(
+        ok && out.contains("restart these nodes to take the new settings: n1 n2\n"),
+        "{out}"
+    );
+    let (ok, out) = network(&store, &["set", "--cluster-cidr", "10.50.0.0/16"]);
+    assert!(ok && out.contains("n1 n2\n"), "{out}");
     // The backend alone: n1 and n2 run vxlan, so both are behind. A host-gw record keeps no
     // VXLAN settings, so back on vxlan the port is the default again, and n2 is behind.
     let (ok, out) = network(&store, &["set", "--backend", "host-gw"]);
     assert!(ok && !out.contains("vxlan"), "{out}");
-    assert!(out.contains("n1 n2"), "{out}");
+    assert!(
+        out.contains("restart these nodes to take the new settings: n1 n2\n"),
+        "{out}"
+    );
     let (ok, out) = network(&store, &["set", "--backend", "vxlan"]);
     assert!(ok && out.contains(r#""port":4789"#), "{out}");
     assert!(
@@ -107,16 +136,20 @@ fn set_show_reset() {
         ),
         (
             &["--subnet-len", "8"][..],
-            "subnet length /8 is not between the cluster CIDR's /16 and /30",
+            "--subnet-len 8 is not between --cluster-cidr 10.50.0.0/16's /16 and /30",
+        ),
+        (
+            &["--cluster-cidr", "10.50.0.0/26"][..],
+            "--subnet-len 24 is not between --cluster-cidr 10.50.0.0/26's /26 and /30",
         ),
         (
             &["--vxlan-vni", "16777216"][..],
-            "VXLAN VNI 16777216 is not in",
+            "--vxlan-vni 16777216 is not in",
         ),
-        (&["--vxlan-port", "0"][..], "VXLAN port 0 is not a port"),
+        (&["--vxlan-port", "0"][..], "--vxlan-port 0 is not a port"),
         (
             &["--backend", "host-gw", "--vxlan-port", "4789"][..],
-            "the backend host-gw does not use VXLAN",
+            "--vxlan-port 4789: the backend host-gw does not use VXLAN",
         ),
     ] {
         let mut a = vec!["set"];

@@ -117,7 +117,7 @@ struct UpArgs {
     #[arg(long, default_value = "bridge")]
     mode: String,
     /// The cluster's pod CIDR.
-    #[arg(long, default_value = "10.244.0.0/16")]
+    #[arg(long, default_value = weft_agent::config::DEFAULT_CLUSTER_CIDR)]
     cluster_cidr: ipnet::Ipv4Net,
     /// MTU of the underlay (every link of the fabric), e.g. 9000 for jumbo frames; weftd gives
     /// pods this minus the backend's overhead.

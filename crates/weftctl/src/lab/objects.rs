@@ -561,11 +561,17 @@ impl super::Lab {
         let objects = weft_services::parse_all(
             &services.into_iter().collect(),
             &slices.into_iter().collect(),
-            "10.96.0.0/12".parse().expect("literal"),
+            weft_agent::config::DEFAULT_SERVICE_CIDR
+                .parse()
+                .expect("literal"),
         );
         let facts = weft_services::NodeFacts {
             node: String::new(),
-            cluster_cidr: "10.244.0.0/16".parse().expect("literal"),
+            cluster_cidr: s
+                .cluster_cidr
+                .as_deref()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| weft_agent::network::NetworkConfig::defaults().cluster_cidr),
             local_subnet: "0.0.0.0/32".parse().expect("literal"),
         };
         let rs = weft_services::compile(&facts, &objects);
