@@ -294,16 +294,15 @@ impl Flags {
                 "--services-repair: {services_repair} is not in 1..3600 seconds"
             ));
         }
-        let vxlan_port = self.vxlan_port.unwrap_or(crate::backend::VXLAN_PORT);
-        if vxlan_port == 0 {
-            return Err("--vxlan-port: 0 is not a port (1..65535)".into());
+        let default = crate::lease::VxlanSettings::default();
+        let vxlan = crate::lease::VxlanSettings {
+            vni: self.vxlan_vni.unwrap_or(default.vni),
+            port: self.vxlan_port.unwrap_or(default.port),
+        };
+        if let Some(e) = vxlan.problems().into_iter().next() {
+            return Err(e);
         }
-        let vxlan_vni = self.vxlan_vni.unwrap_or(crate::backend::VXLAN_VNI);
-        if !(1..=0xff_ffff).contains(&vxlan_vni) {
-            return Err(format!(
-                "--vxlan-vni: {vxlan_vni} is not in 1..16777215 (24 bits)"
-            ));
-        }
+        let (vxlan_vni, vxlan_port) = (vxlan.vni, vxlan.port);
         Ok(Config {
             node_name,
             cluster_cidr,

@@ -28,6 +28,31 @@ pub struct VxlanSettings {
     pub port: u16,
 }
 
+impl Default for VxlanSettings {
+    /// VNI 1 on UDP 4789 (`backend::VXLAN_VNI`, `backend::VXLAN_PORT`).
+    fn default() -> VxlanSettings {
+        VxlanSettings {
+            vni: crate::backend::VXLAN_VNI,
+            port: crate::backend::VXLAN_PORT,
+        }
+    }
+}
+
+impl VxlanSettings {
+    /// What makes these unusable, each named as its flag with the value: a VNI over 24 bits
+    /// (or 0), port 0.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(1..=0xff_ffff).contains(&self.vni) {
+            p.push(format!("--vxlan-vni {} is not in 1..16777215", self.vni));
+        }
+        if self.port == 0 {
+            p.push("--vxlan-port 0 is not a port".into());
+        }
+        p
+    }
+}
+
 pub const LEASE_PREFIX: &str = "/weft/leases/";
 
 pub fn lease_key(subnet: Ipv4Net) -> String {

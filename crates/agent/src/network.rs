@@ -34,10 +34,7 @@ impl NetworkConfig {
             backend: crate::config::DEFAULT_BACKEND,
             vxlan: crate::config::DEFAULT_BACKEND
                 .uses_vxlan()
-                .then_some(VxlanSettings {
-                    vni: crate::backend::VXLAN_VNI,
-                    port: crate::backend::VXLAN_PORT,
-                }),
+                .then(VxlanSettings::default),
         }
     }
 
@@ -61,14 +58,7 @@ impl NetworkConfig {
                 self.subnet_len, self.cluster_cidr
             ));
         }
-        if let Some(v) = self.vxlan {
-            if !(1..=0xff_ffff).contains(&v.vni) {
-                p.push(format!("--vxlan-vni {} is not in 1..16777215", v.vni));
-            }
-            if v.port == 0 {
-                p.push("--vxlan-port 0 is not a port".into());
-            }
-        }
+        p.extend(self.vxlan.iter().flat_map(VxlanSettings::problems));
         p
     }
 
@@ -95,13 +85,9 @@ impl NetworkConfig {
                 cluster.backend.as_str()
             ));
         }
-        let defaults = VxlanSettings {
-            vni: crate::backend::VXLAN_VNI,
-            port: crate::backend::VXLAN_PORT,
-        };
         let theirs = cluster
             .vxlan
-            .or(cluster.backend.uses_vxlan().then_some(defaults));
+            .or(cluster.backend.uses_vxlan().then(VxlanSettings::default));
         if let (Some(ours), Some(theirs)) = (self.vxlan, theirs) {
             if ours.vni != theirs.vni {
                 d.push(format!(

@@ -4,7 +4,7 @@
 
 use clap::{Args, Subcommand};
 use ipnet::Ipv4Net;
-use weft_agent::backend::{BackendKind, VXLAN_PORT, VXLAN_VNI};
+use weft_agent::backend::BackendKind;
 use weft_agent::config::{overlap, DEFAULT_SERVICE_CIDR};
 use weft_agent::lease::{Lease, VxlanSettings, LEASE_PREFIX};
 use weft_agent::network::{NetworkConfig, NETWORK_KEY};
@@ -71,10 +71,7 @@ fn with(base: &NetworkConfig, a: &SetArgs) -> Result<NetworkConfig, String> {
         })?,
         None => base.backend,
     };
-    let vxlan = base.vxlan.unwrap_or(VxlanSettings {
-        vni: VXLAN_VNI,
-        port: VXLAN_PORT,
-    });
+    let vxlan = base.vxlan.unwrap_or_default();
     let vxlan = VxlanSettings {
         vni: a.vxlan_vni.unwrap_or(vxlan.vni),
         port: a.vxlan_port.unwrap_or(vxlan.port),

@@ -223,8 +223,8 @@ pub fn plan(
             mac: vtep_mac(local.subnet),
             address: Ipv4Net::new(vtep_ip(local.subnet), 32).expect("/32"),
             mtu: underlay.mtu - VXLAN_OVERHEAD,
-            vni: local.vxlan.map_or(VXLAN_VNI, |v| v.vni),
-            port: local.vxlan.map_or(VXLAN_PORT, |v| v.port),
+            vni: local.vxlan.unwrap_or_default().vni,
+            port: local.vxlan.unwrap_or_default().port,
         });
     }
     let mut reachable: Vec<&Lease> = Vec::new();
