@@ -246,9 +246,7 @@ impl Flags {
             });
         }
         let backend = self.backend.as_deref().unwrap_or(DEFAULT_BACKEND.as_str());
-        let backend = BackendKind::parse(backend).ok_or_else(|| {
-            format!("--backend: {backend:?} is not one of host-gw, vxlan, directrouting")
-        })?;
+        let backend = BackendKind::parse(backend)?;
         let mode = self.mode.unwrap_or_else(|| "bridge".into());
         if mode != "bridge" && mode != "routed" {
             return Err(format!("--mode: {mode:?} is not one of bridge, routed"));

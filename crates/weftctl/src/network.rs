@@ -66,9 +66,7 @@ pub fn run(a: NetworkArgs) -> i32 {
 /// `base` with what `a` gives; errors name the flag and value.
 fn with(base: &NetworkConfig, a: &SetArgs) -> Result<NetworkConfig, String> {
     let backend = match &a.backend {
-        Some(b) => BackendKind::parse(b).ok_or_else(|| {
-            format!("--backend: {b:?} is not one of host-gw, vxlan, directrouting")
-        })?,
+        Some(b) => BackendKind::parse(b)?,
         None => base.backend,
     };
     let vxlan = base.vxlan.unwrap_or_default();

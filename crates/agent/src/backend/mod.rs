@@ -30,12 +30,15 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    pub fn parse(s: &str) -> Option<BackendKind> {
+    /// The value of a `--backend` flag; the error names the flag and the value.
+    pub fn parse(s: &str) -> Result<BackendKind, String> {
         match s {
-            "host-gw" => Some(BackendKind::HostGw),
-            "vxlan" => Some(BackendKind::Vxlan),
-            "directrouting" => Some(BackendKind::DirectRouting),
-            _ => None,
+            "host-gw" => Ok(BackendKind::HostGw),
+            "vxlan" => Ok(BackendKind::Vxlan),
+            "directrouting" => Ok(BackendKind::DirectRouting),
+            _ => Err(format!(
+                "--backend: {s:?} is not one of host-gw, vxlan, directrouting"
+            )),
         }
     }
 

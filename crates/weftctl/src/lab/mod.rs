@@ -300,12 +300,7 @@ impl Lab {
                 self.name
             ));
         }
-        if !["host-gw", "vxlan", "directrouting"].contains(&a.backend.as_str()) {
-            return Err(format!(
-                "--backend: {:?} is not one of host-gw, vxlan, directrouting",
-                a.backend
-            ));
-        }
+        weft_agent::backend::BackendKind::parse(&a.backend)?;
         if a.store != "sqlite" && a.store != "etcd" {
             return Err(format!("--store: {:?} is not one of sqlite, etcd", a.store));
         }
