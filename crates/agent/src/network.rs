@@ -1,8 +1,9 @@
 //! The cluster's network settings, kept once in the store (`/weft/config/network`): the pod CIDR,
 //! the node subnet length, the backend and its VXLAN settings. `weftctl network set` writes them,
-//! or else the first agent to start writes its own. An agent takes the cluster's for every setting it was not given (so a node joins
-//! with no network flags at all); what it was given must agree, or it refuses to start and names
-//! both sides. A node on other settings would lease from another range or tunnel to nobody.
+//! or else the first agent to start writes its own. An agent takes the cluster's for every
+//! setting it was not given (so a node joins with no network flags at all); what it was given
+//! must agree, or it refuses to start and names both sides. A node on other settings would lease
+//! from another range or tunnel to nobody.
 
 use crate::backend::BackendKind;
 use crate::config::{Config, Given};
@@ -62,45 +63,37 @@ impl NetworkConfig {
         p
     }
 
-    /// What differs from `cluster`, each as "--flag ours (the cluster's: theirs)". A cluster record
-    /// without VXLAN settings (written by hand) means the defaults.
-    fn differences(&self, cluster: &NetworkConfig) -> Vec<String> {
+    /// Each setting in which `self` and `other` differ: (flag, ours, theirs). The VXLAN settings
+    /// are compared where both have them.
+    fn diff(&self, other: &NetworkConfig) -> Vec<(&'static str, String, String)> {
         let mut d = Vec::new();
-        if self.cluster_cidr != cluster.cluster_cidr {
-            d.push(format!(
-                "--cluster-cidr {} (the cluster's: {})",
-                self.cluster_cidr, cluster.cluster_cidr
-            ));
-        }
-        if self.subnet_len != cluster.subnet_len {
-            d.push(format!(
-                "--subnet-len {} (the cluster's: {})",
-                self.subnet_len, cluster.subnet_len
-            ));
-        }
-        if self.backend != cluster.backend {
-            d.push(format!(
-                "--backend {} (the cluster's: {})",
-                self.backend.as_str(),
-                cluster.backend.as_str()
-            ));
-        }
-        let theirs = cluster
-            .vxlan
-            .or(cluster.backend.uses_vxlan().then(VxlanSettings::default));
-        if let (Some(ours), Some(theirs)) = (self.vxlan, theirs) {
-            if ours.vni != theirs.vni {
-                d.push(format!(
-                    "--vxlan-vni {} (the cluster's: {})",
-                    ours.vni, theirs.vni
-                ));
+        let mut field = |flag, ours: String, theirs: String| {
+            if ours != theirs {
+                d.push((flag, ours, theirs));
             }
-            if ours.port != theirs.port {
-                d.push(format!(
-                    "--vxlan-port {} (the cluster's: {})",
-                    ours.port, theirs.port
-                ));
-            }
+        };
+        field(
+            "--cluster-cidr",
+            self.cluster_cidr.to_string(),
+            other.cluster_cidr.to_string(),
+        );
+        field(
+            "--subnet-len",
+            self.subnet_len.to_string(),
+            other.subnet_len.to_string(),
+        );
+        field(
+            "--backend",
+            self.backend.as_str().into(),
+            other.backend.as_str().into(),
+        );
+        if let (Some(ours), Some(theirs)) = (self.vxlan, other.vxlan) {
+            field("--vxlan-vni", ours.vni.to_string(), theirs.vni.to_string());
+            field(
+                "--vxlan-port",
+                ours.port.to_string(),
+                theirs.port.to_string(),
+            );
         }
         d
     }
@@ -165,27 +158,6 @@ fn adopt(cfg: &Config, cluster: &NetworkConfig) -> Config {
     }
     c.given = Given::ALL;
     c
-}
-
-/// The settings taken from the cluster that this node's own defaults would have set otherwise.
-fn taken(cfg: &Config, adopted: &Config) -> Vec<String> {
-    let mut t = Vec::new();
-    if cfg.cluster_cidr != adopted.cluster_cidr {
-        t.push(format!("--cluster-cidr {}", adopted.cluster_cidr));
-    }
-    if cfg.subnet_len != adopted.subnet_len {
-        t.push(format!("--subnet-len {}", adopted.subnet_len));
-    }
-    if cfg.backend != adopted.backend {
-        t.push(format!("--backend {}", adopted.backend.as_str()));
-    }
-    if adopted.vxlan().is_some() && cfg.vxlan_port != adopted.vxlan_port {
-        t.push(format!("--vxlan-port {}", adopted.vxlan_port));
-    }
-    if adopted.vxlan().is_some() && cfg.vxlan_vni != adopted.vxlan_vni {
-        t.push(format!("--vxlan-vni {}", adopted.vxlan_vni));
-    }
-    t
 }
 
 /// What makes the settings a node ends up with unusable: see [`NetworkConfig::problems`]
@@ -271,10 +243,18 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused>
                  with `weftctl network reset`"
             ))
         })?;
-        // A record written by hand may carry host bits.
+        // A record written by hand may carry host bits, or leave out the VXLAN settings of a
+        // backend that has them (the defaults, then).
         cluster.cluster_cidr = cluster.cluster_cidr.trunc();
+        if cluster.backend.uses_vxlan() {
+            cluster.vxlan = Some(cluster.vxlan.unwrap_or_default());
+        }
         let adopted = adopt(cfg, &cluster);
-        let d = NetworkConfig::of(&adopted).differences(&cluster);
+        let d: Vec<String> = NetworkConfig::of(&adopted)
+            .diff(&cluster)
+            .into_iter()
+            .map(|(flag, ours, theirs)| format!("{flag} {ours} (the cluster's: {theirs})"))
+            .collect();
         if !d.is_empty() {
             return Err(Refused::Fatal(format!(
                 "this node's network settings are not the cluster's ({NETWORK_KEY}): {}; leave \
@@ -290,7 +270,12 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused>
                 p.join(", ")
             )));
         }
-        let t = taken(cfg, &adopted);
+        // What the node's own defaults would have set otherwise.
+        let t: Vec<String> = NetworkConfig::of(cfg)
+            .diff(&NetworkConfig::of(&adopted))
+            .into_iter()
+            .map(|(flag, _, taken)| format!("{flag} {taken}"))
+            .collect();
         if !t.is_empty() {
             tracing::info!(
                 "from the cluster's settings ({NETWORK_KEY}): {}",
