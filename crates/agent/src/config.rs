@@ -152,6 +152,12 @@ pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const DEFAULT_SUBNET_LEN: u8 = 24;
 pub const DEFAULT_BACKEND: BackendKind = BackendKind::Vxlan;
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const DEFAULT_STORE: &str = "sqlite:///var/lib/weft/store.db";
+
+/// The node's name when none is given: the hostname, lowercased, as kubelet names its Node.
+pub fn hostname_node_name() -> std::io::Result<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_ascii_lowercase())
+}
 
 /// Whether two CIDRs share an address.
 pub fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
@@ -211,12 +217,9 @@ impl Flags {
         };
         let node_name = match self.node_name {
             Some(n) => n,
-            // Lowercased, as kubelet names its Node after the hostname.
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_ascii_lowercase())
-                .map_err(|e| {
-                    format!("--node-name not given and the hostname is unreadable: {e}")
-                })?,
+            None => hostname_node_name().map_err(|e| {
+                format!("--node-name not given and the hostname is unreadable: {e}")
+            })?,
         };
         if !valid_node_name(&node_name) {
             return Err(format!(
@@ -251,9 +254,7 @@ impl Flags {
         if mode != "bridge" && mode != "routed" {
             return Err(format!("--mode: {mode:?} is not one of bridge, routed"));
         }
-        let store = self
-            .store
-            .unwrap_or_else(|| "sqlite:///var/lib/weft/store.db".into());
+        let store = self.store.unwrap_or_else(|| DEFAULT_STORE.into());
         if !(store.starts_with("sqlite://")
             || store.starts_with("etcd://")
             || store.starts_with("etcd+unix://"))

@@ -13,7 +13,7 @@ use weft_store::Store;
 #[derive(Args)]
 pub struct NetworkArgs {
     /// The cluster store, as weftd's --store.
-    #[arg(long, default_value = "sqlite:///var/lib/weft/store.db", global = true)]
+    #[arg(long, default_value = weft_agent::config::DEFAULT_STORE, global = true)]
     store: String,
     #[command(subcommand)]
     command: NetworkCommand,

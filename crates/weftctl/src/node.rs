@@ -27,7 +27,7 @@ enum NodeCommand {
     Leave {
         node: String,
         /// The cluster store, as weftd's --store.
-        #[arg(long, default_value = "sqlite:///var/lib/weft/store.db")]
+        #[arg(long, default_value = weft_agent::config::DEFAULT_STORE)]
         store: String,
         /// Seconds to wait for the node's agent (1-300).
         #[arg(long, default_value_t = 15)]

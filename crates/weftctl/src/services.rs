@@ -11,7 +11,7 @@ use weft_store::Store;
 #[derive(Args)]
 pub struct ServicesArgs {
     /// The cluster store, as weftd's --store.
-    #[arg(long, default_value = "sqlite:///var/lib/weft/store.db")]
+    #[arg(long, default_value = weft_agent::config::DEFAULT_STORE)]
     store: String,
     /// This node's name, as endpoints' nodeName spells it (default: the hostname).
     #[arg(long)]
@@ -89,12 +89,11 @@ fn list(a: ServicesArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         Ok::<_, String>((s, e, recorded))
     })?;
-    let node = match a.node {
-        Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
-    };
+    // As weftd names its node, so that endpoints' nodeName match.
+    let node = a
+        .node
+        .or_else(|| weft_agent::config::hostname_node_name().ok())
+        .unwrap_or_default();
     // Without subnet.env (no agent here) no endpoint counts as local.
     let env = SubnetEnv::read(&a.run_dir.join(SUBNET_FILE))?;
     let local_subnet = env
