@@ -82,6 +82,9 @@ pub async fn reconcile(
         .await?
         .into_iter()
         .partition(|r| r.protocol == PEER_ROUTE_PROTOCOL);
+    // Looked up once per peer route on every pass: by destination, not by a scan of the table.
+    let foreign: std::collections::HashMap<Ipv4Net, &RouteSpec> =
+        foreign.iter().map(|f| (f.dst, f)).collect();
     // (destination, gateway, interface, onlink) of every route to install.
     let mut desired: Vec<(Ipv4Net, Ipv4Addr, u32, bool)> = Vec::new();
     for r in &plan.routes {
@@ -92,7 +95,7 @@ pub async fn reconcile(
                 None => continue,
             },
         };
-        if let Some(f) = foreign.iter().find(|f| f.dst == r.dst) {
+        if let Some(f) = foreign.get(&r.dst) {
             conflicts.push(Problem {
                 peer: r.peer.clone(),
                 reason: Reason::RouteConflict,
