@@ -768,15 +768,9 @@ async fn leave<S: Store>(
 ) -> Result<(), String> {
     let mut errors = Vec::new();
     let mut released = None;
-    match store.list(LEASE_PREFIX).await {
-        Ok((kvs, _)) => {
-            for kv in kvs {
-                let Ok(l) = serde_json::from_slice::<Lease>(&kv.value) else {
-                    continue;
-                };
-                if l.node != cfg.node_name {
-                    continue;
-                }
+    match crate::lease::leases(store).await {
+        Ok(all) => {
+            for (kv, l) in all.into_iter().filter(|(_, l)| l.node == cfg.node_name) {
                 match store.cad(&kv.key, kv.mod_revision).await {
                     Ok(true) => released = Some(l),
                     Ok(false) => {}

@@ -59,6 +59,21 @@ pub fn lease_key(subnet: Ipv4Net) -> String {
     format!("{LEASE_PREFIX}{}-{}", subnet.network(), subnet.prefix_len())
 }
 
+/// Every lease record in the store, with its key and revision; records that do not parse are
+/// left out.
+pub async fn leases<S: weft_store::Store>(
+    store: &S,
+) -> Result<Vec<(weft_store::KeyValue, Lease)>, weft_store::Error> {
+    let (kvs, _) = store.list(LEASE_PREFIX).await?;
+    Ok(kvs
+        .into_iter()
+        .filter_map(|kv| {
+            let l = serde_json::from_slice(&kv.value).ok()?;
+            Some((kv, l))
+        })
+        .collect())
+}
+
 /// The node subnets of `cluster`, in order. A node's own previous subnet is tried first (it gets
 /// it back after a restart); then the rest, starting at an offset from the node name so that
 /// nodes starting together do not all race for the first one.

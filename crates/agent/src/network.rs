@@ -199,15 +199,13 @@ pub async fn check<S: Store>(store: &S, cfg: &Config) -> Result<Config, Refused>
             .await
             .map_err(|e| store_error(format!("reading {NETWORK_KEY}"), e))?;
         let Some(kv) = stored else {
-            let (leases, _) = store
-                .list(LEASE_PREFIX)
+            let leases = crate::lease::leases(store)
                 .await
                 .map_err(|e| store_error(format!("listing {LEASE_PREFIX}"), e))?;
             let d: Vec<String> = leases
                 .iter()
-                .filter_map(|kv| serde_json::from_slice::<Lease>(&kv.value).ok())
-                .filter(|l| l.node != cfg.node_name)
-                .flat_map(|l| ours.differences_from_lease(&l))
+                .filter(|(_, l)| l.node != cfg.node_name)
+                .flat_map(|(_, l)| ours.differences_from_lease(l))
                 .collect();
             if !d.is_empty() {
                 return Err(Refused::Fatal(format!(

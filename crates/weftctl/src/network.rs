@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use ipnet::Ipv4Net;
 use weft_agent::backend::BackendKind;
 use weft_agent::config::{overlap, DEFAULT_SERVICE_CIDR};
-use weft_agent::lease::{Lease, VxlanSettings, LEASE_PREFIX};
+use weft_agent::lease::{VxlanSettings, LEASE_PREFIX};
 use weft_agent::network::{NetworkConfig, NETWORK_KEY};
 use weft_store::Store;
 
@@ -163,15 +163,12 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                 let everyone = base.is_none_or(|b| {
                     b.cluster_cidr != new.cluster_cidr || b.subnet_len != new.subnet_len
                 });
-                let (leases, _) = store
-                    .list(LEASE_PREFIX)
+                let behind: Vec<String> = weft_agent::lease::leases(store)
                     .await
-                    .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?;
-                let behind: Vec<String> = leases
-                    .iter()
-                    .filter_map(|kv| serde_json::from_slice::<Lease>(&kv.value).ok())
-                    .filter(|l| everyone || !new.differences_from_lease(l).is_empty())
-                    .map(|l| l.node)
+                    .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?
+                    .into_iter()
+                    .filter(|(_, l)| everyone || !new.differences_from_lease(l).is_empty())
+                    .map(|(_, l)| l.node)
                     .collect();
                 if !behind.is_empty() {
                     println!(

@@ -178,17 +178,10 @@ async fn node_leases(
     store: &AnyStore,
     node: &str,
 ) -> Result<Vec<(weft_store::KeyValue, Lease)>, String> {
-    let (kvs, _) = store
-        .list(LEASE_PREFIX)
+    let all = weft_agent::lease::leases(store)
         .await
         .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?;
-    Ok(kvs
-        .into_iter()
-        .filter_map(|kv| {
-            let l: Lease = serde_json::from_slice(&kv.value).ok()?;
-            (l.node == node).then_some((kv, l))
-        })
-        .collect())
+    Ok(all.into_iter().filter(|(_, l)| l.node == node).collect())
 }
 
 #[cfg(test)]
