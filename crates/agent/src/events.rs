@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use weft_store::{LeaseId, Store};
 
 pub const EVENT_PREFIX: &str = "/registry/events/default/";
-const COMPONENT: &str = "weftd";
+/// The events' source component.
+pub const COMPONENT: &str = "weftd";
 
 /// The events `node`'s agent owns all start with this.
 fn node_prefix(node: &str) -> String {

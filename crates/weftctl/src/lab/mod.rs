@@ -227,10 +227,7 @@ pub fn run(args: LabArgs) -> i32 {
                     lab.stop_and_wait(s.etcd_pid.take(), nix::sys::signal::Signal::SIGTERM);
                     Ok(())
                 }
-                StoreCommand::Start
-                    if s.etcd_pid
-                        .is_some_and(|p| Path::new("/proc").join(p.to_string()).exists()) =>
-                {
+                StoreCommand::Start if s.etcd_pid.is_some_and(alive) => {
                     Err("etcd is running already".into())
                 }
                 StoreCommand::Start => {
@@ -859,7 +856,8 @@ impl Lab {
                     .iter()
                     .filter_map(|(_, v)| serde_json::from_slice(v).ok())
                     .filter(|e: &k8s_openapi::api::core::v1::Event| {
-                        e.source.as_ref().and_then(|s| s.component.as_deref()) == Some("weftd")
+                        e.source.as_ref().and_then(|s| s.component.as_deref())
+                            == Some(weft_agent::events::COMPONENT)
                     })
                     .collect();
                 if warnings.is_empty() {
