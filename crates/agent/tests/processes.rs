@@ -10,9 +10,9 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use weft_agent::lease::{Lease, LEASE_PREFIX};
+use weft_agent::lease::Lease;
 use weft_net::ScratchNetns;
-use weft_store::{SqliteStore, Store};
+use weft_store::SqliteStore;
 
 const PREFIX: &str = "wtest-procs-";
 const AGENTS: u8 = 20;
@@ -147,13 +147,14 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         .enable_all()
         .build()
         .unwrap();
-    let leases: Vec<Lease> = rt.block_on(async {
-        let store = SqliteStore::open(&db).await.unwrap();
-        let (kvs, _) = store.list(LEASE_PREFIX).await.unwrap();
-        kvs.iter()
-            .map(|kv| serde_json::from_slice(&kv.value).unwrap())
-            .collect()
-    });
+    // Every lease record, read as the agents read them.
+    let records = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let store = SqliteStore::open(&db).await.unwrap();
+            weft_agent::lease::leases(&store).await.unwrap()
+        })
+    };
+    let leases: Vec<Lease> = records(&rt).into_iter().map(|(_, l)| l).collect();
     assert_eq!(leases.len(), AGENTS as usize, "{leases:?}");
     let subnets: HashSet<_> = leases.iter().map(|l| l.subnet).collect();
     assert_eq!(
@@ -216,14 +217,10 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let l = rt.block_on(async {
-        let store = SqliteStore::open(&db).await.unwrap();
-        let (kvs, _) = store.list(LEASE_PREFIX).await.unwrap();
-        kvs.iter()
-            .map(|kv| serde_json::from_slice::<Lease>(&kv.value).unwrap())
-            .find(|l| l.node == "bare")
-            .unwrap()
-    });
+    let (_, l) = records(&rt)
+        .into_iter()
+        .find(|(_, l)| l.node == "bare")
+        .unwrap();
     assert_eq!(l.backend, weft_agent::backend::BackendKind::HostGw, "{l:?}");
     let cluster: ipnet::Ipv4Net = "10.244.0.0/19".parse().unwrap();
     assert!(cluster.contains(&l.subnet), "{l:?}");
@@ -257,20 +254,16 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let record = |rt: &tokio::runtime::Runtime| {
-        rt.block_on(async {
-            let store = SqliteStore::open(&db).await.unwrap();
-            let (kvs, _) = store.list(LEASE_PREFIX).await.unwrap();
-            kvs.into_iter()
-                .find(|kv| serde_json::from_slice::<Lease>(&kv.value).unwrap().node == names[0])
-                .unwrap()
-        })
+        records(rt)
+            .into_iter()
+            .find(|(_, l)| l.node == names[0])
+            .unwrap()
     };
-    let taken = record(&rt);
-    let l: Lease = serde_json::from_slice(&taken.value).unwrap();
+    let (taken, l) = record(&rt);
     assert_eq!(l.underlay_ip.to_string(), format!("10.100.0.{}", 10 + late));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        record(&rt).mod_revision,
+        record(&rt).0.mod_revision,
         taken.mod_revision,
         "nobody rewrote it"
     );
