@@ -479,4 +479,101 @@ mod tests {
             assert!(store.get(NETWORK_KEY).await.unwrap().is_some());
         });
     }
+
+    /// A real store on which, just before this node's first compare-and-swap of the record,
+    /// someone else (`weftctl network set`, another agent) writes `theirs`.
+    struct Racing {
+        inner: weft_store::SqliteStore,
+        theirs: std::sync::Mutex<Option<&'static [u8]>>,
+    }
+
+    impl Store for Racing {
+        async fn get(&self, key: &str) -> weft_store::Result<Option<weft_store::KeyValue>> {
+            self.inner.get(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> weft_store::Result<(Vec<weft_store::KeyValue>, weft_store::Revision)> {
+            self.inner.list(prefix).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            value: &[u8],
+            lease: Option<weft_store::LeaseId>,
+        ) -> weft_store::Result<weft_store::Revision> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn cas(
+            &self,
+            key: &str,
+            expected: weft_store::Revision,
+            value: &[u8],
+            lease: Option<weft_store::LeaseId>,
+        ) -> weft_store::Result<Option<weft_store::Revision>> {
+            let theirs = self.theirs.lock().unwrap().take();
+            if let Some(theirs) = theirs.filter(|_| key == NETWORK_KEY) {
+                self.inner.put(key, theirs, None).await?;
+            }
+            self.inner.cas(key, expected, value, lease).await
+        }
+        async fn delete(&self, key: &str) -> weft_store::Result<bool> {
+            self.inner.delete(key).await
+        }
+        async fn cad(&self, key: &str, expected: weft_store::Revision) -> weft_store::Result<bool> {
+            self.inner.cad(key, expected).await
+        }
+        fn watch(&self, prefix: &str, after: weft_store::Revision) -> weft_store::WatchStream {
+            self.inner.watch(prefix, after)
+        }
+        async fn grant(&self, ttl: std::time::Duration) -> weft_store::Result<weft_store::LeaseId> {
+            self.inner.grant(ttl).await
+        }
+        async fn keepalive(&self, lease: weft_store::LeaseId) -> weft_store::Result<()> {
+            self.inner.keepalive(lease).await
+        }
+        async fn revoke(&self, lease: weft_store::LeaseId) -> weft_store::Result<()> {
+            self.inner.revoke(lease).await
+        }
+        async fn compact(&self, revision: weft_store::Revision) -> weft_store::Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    #[test]
+    fn a_record_written_between_read_and_write_is_taken_or_refused_not_overwritten() {
+        crate::testing::with_store("netconf-race", async |store| {
+            const THEIRS: &[u8] =
+                br#"{"clusterCidr": "10.60.0.0/16", "subnetLen": 26, "backend": "host-gw"}"#;
+            // A node given nothing finds no record, and loses the race to record its defaults:
+            // it reads again and takes theirs.
+            let racing = Racing {
+                inner: store.clone(),
+                theirs: Some(THEIRS).into(),
+            };
+            let c = check(&racing, &cfg(&[])).await.unwrap();
+            assert_eq!(
+                (c.cluster_cidr.to_string(), c.subnet_len, c.backend),
+                ("10.60.0.0/16".into(), 26, BackendKind::HostGw)
+            );
+            assert!(racing.theirs.lock().unwrap().is_none(), "the race was run");
+            assert_eq!(store.get(NETWORK_KEY).await.unwrap().unwrap().value, THEIRS);
+            // A node given another backend loses the same race, and is refused by the record it
+            // lost to, instead of overwriting it.
+            store.delete(NETWORK_KEY).await.unwrap();
+            let racing = Racing {
+                inner: store.clone(),
+                theirs: Some(THEIRS).into(),
+            };
+            let e = check(&racing, &cfg(&["--backend", "vxlan"]))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, Refused::Fatal(m) if m.contains("--backend vxlan (the cluster's: host-gw)")),
+                "{e:?}"
+            );
+            assert_eq!(store.get(NETWORK_KEY).await.unwrap().unwrap().value, THEIRS);
+        });
+    }
 }
