@@ -8,7 +8,7 @@ use weft_agent::backend::BackendKind;
 use weft_agent::config::{overlap, DEFAULT_SERVICE_CIDR};
 use weft_agent::lease::{VxlanSettings, LEASE_PREFIX};
 use weft_agent::network::{NetworkConfig, NETWORK_KEY};
-use weft_store::Store;
+use weft_store::{Revision, Store};
 
 #[derive(Args)]
 pub struct NetworkArgs {
@@ -31,26 +31,93 @@ enum NetworkCommand {
     Reset,
 }
 
-#[derive(Args)]
-struct SetArgs {
+#[derive(Args, Default)]
+pub struct SetArgs {
     /// The pod CIDR, cut into node subnets.
     #[arg(long)]
-    cluster_cidr: Option<Ipv4Net>,
+    pub cluster_cidr: Option<Ipv4Net>,
     /// Prefix length of a node's subnet.
     #[arg(long)]
-    subnet_len: Option<u8>,
+    pub subnet_len: Option<u8>,
     /// host-gw, vxlan or directrouting.
     #[arg(long)]
-    backend: Option<String>,
+    pub backend: Option<String>,
     /// UDP port of the VXLAN tunnel.
     #[arg(long)]
-    vxlan_port: Option<u16>,
+    pub vxlan_port: Option<u16>,
     /// VXLAN network identifier.
     #[arg(long)]
-    vxlan_vni: Option<u32>,
+    pub vxlan_vni: Option<u32>,
     /// The agents' --service-cidr, which the cluster CIDR must not overlap (not recorded).
     #[arg(long, default_value = DEFAULT_SERVICE_CIDR)]
-    service_cidr: Ipv4Net,
+    pub service_cidr: Ipv4Net,
+}
+
+impl SetArgs {
+    /// Nothing given, and the agents' default Service CIDR.
+    pub fn none() -> SetArgs {
+        SetArgs {
+            service_cidr: DEFAULT_SERVICE_CIDR.parse().expect("a CIDR"),
+            ..SetArgs::default()
+        }
+    }
+}
+
+/// A `set` read and checked, not yet written.
+pub struct Plan {
+    /// The record read, if any, and its revision (0: none).
+    base: Option<NetworkConfig>,
+    revision: Revision,
+    pub new: NetworkConfig,
+}
+
+impl Plan {
+    /// Reads the record (or the defaults) and applies what `a` gives.
+    pub async fn read(store: &impl Store, a: &SetArgs) -> Result<Plan, String> {
+        let current = store
+            .get(NETWORK_KEY)
+            .await
+            .map_err(|e| format!("reading {NETWORK_KEY}: {e}"))?;
+        let (base, revision) = match &current {
+            Some(kv) => {
+                let c: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
+                    format!("{NETWORK_KEY} is not a NetworkConfig ({e}); `reset` it first")
+                })?;
+                (Some(c), kv.mod_revision)
+            }
+            None => (None, 0),
+        };
+        let new = with(base.as_ref().unwrap_or(&NetworkConfig::defaults()), a)?;
+        Ok(Plan {
+            base,
+            revision,
+            new,
+        })
+    }
+
+    /// Writes the new settings against the revision read, so that an agent recording its own
+    /// meanwhile is not overwritten unseen. Returns the nodes that still run other settings.
+    pub async fn write(&self, store: &impl Store) -> Result<Vec<String>, String> {
+        let json = serde_json::to_vec(&self.new).expect("serializable");
+        store
+            .cas(NETWORK_KEY, self.revision, &json, None)
+            .await
+            .map_err(|e| format!("writing {NETWORK_KEY}: {e}"))?
+            .ok_or_else(|| format!("{NETWORK_KEY} changed while it was read; try again"))?;
+        // They need a restart (and, if they were given the old settings, new flags). A lease
+        // does not carry the CIDR, so a new CIDR or subnet length (or a first record: the nodes
+        // ran on their own) puts every node behind.
+        let everyone = self.base.as_ref().is_none_or(|b| {
+            b.cluster_cidr != self.new.cluster_cidr || b.subnet_len != self.new.subnet_len
+        });
+        Ok(weft_agent::lease::leases(store)
+            .await
+            .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?
+            .into_iter()
+            .filter(|(_, l)| everyone || !self.new.differences_from_lease(l).is_empty())
+            .map(|(_, l)| l.node)
+            .collect())
+    }
 }
 
 pub fn run(a: NetworkArgs) -> i32 {
@@ -132,44 +199,12 @@ fn network(a: NetworkArgs) -> Result<(), String> {
                 println!("{}", String::from_utf8_lossy(&kv.value));
             }
             NetworkCommand::Set(set) => {
-                let current = store
-                    .get(NETWORK_KEY)
-                    .await
-                    .map_err(|e| format!("reading {NETWORK_KEY}: {e}"))?;
-                let (base, revision) = match &current {
-                    Some(kv) => {
-                        let c: NetworkConfig = serde_json::from_slice(&kv.value).map_err(|e| {
-                            format!("{NETWORK_KEY} is not a NetworkConfig ({e}); `reset` it first")
-                        })?;
-                        (Some(c), kv.mod_revision)
-                    }
-                    None => (None, 0),
-                };
-                let old = base.clone().unwrap_or_else(NetworkConfig::defaults);
-                let new = with(&old, &set)?;
-                let json = serde_json::to_vec(&new).expect("serializable");
-                // Against the revision read: an agent recording its own meanwhile is not
-                // overwritten unseen.
-                store
-                    .cas(NETWORK_KEY, revision, &json, None)
-                    .await
-                    .map_err(|e| format!("writing {NETWORK_KEY}: {e}"))?
-                    .ok_or_else(|| format!("{NETWORK_KEY} changed while it was read; try again"))?;
-                println!("{}", String::from_utf8_lossy(&json));
-                // Who still runs other settings: they need a restart (and, if they were given
-                // the old settings, new flags). A lease does not carry the CIDR, so a new CIDR or
-                // subnet length (or a first record: the nodes ran on their own) puts every node
-                // behind.
-                let everyone = base.is_none_or(|b| {
-                    b.cluster_cidr != new.cluster_cidr || b.subnet_len != new.subnet_len
-                });
-                let behind: Vec<String> = weft_agent::lease::leases(store)
-                    .await
-                    .map_err(|e| format!("listing {LEASE_PREFIX}: {e}"))?
-                    .into_iter()
-                    .filter(|(_, l)| everyone || !new.differences_from_lease(l).is_empty())
-                    .map(|(_, l)| l.node)
-                    .collect();
+                let plan = Plan::read(store, &set).await?;
+                let behind = plan.write(store).await?;
+                println!(
+                    "{}",
+                    serde_json::to_string(&plan.new).expect("serializable")
+                );
                 if !behind.is_empty() {
                     println!(
                         "restart these nodes to take the new settings: {}",
@@ -194,4 +229,95 @@ fn network(a: NetworkArgs) -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A store of its own, removed afterwards.
+    fn with_db(tag: &str, f: impl AsyncFnOnce(&weft_store::SqliteStore)) {
+        let dir = std::env::temp_dir().join(format!("weftctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let store = weft_store::SqliteStore::open(dir.join("s.db"))
+                    .await
+                    .unwrap();
+                f(&store).await
+            });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn agent(args: &[&str]) -> weft_agent::config::Config {
+        weft_agent::config::Flags::parse_from(["weftd", "--node-name", "n1"].iter().chain(args))
+            .resolve()
+            .unwrap()
+    }
+
+    fn recorded(kv: Option<weft_store::KeyValue>) -> NetworkConfig {
+        serde_json::from_slice(&kv.expect("a record").value).unwrap()
+    }
+
+    #[test]
+    fn an_agent_recording_between_read_and_write_is_not_overwritten() {
+        with_db("netcas", async |store| {
+            let set = SetArgs {
+                backend: Some("host-gw".into()),
+                ..SetArgs::none()
+            };
+            let plan = Plan::read(store, &set).await.unwrap();
+            assert_eq!(plan.new.backend, BackendKind::HostGw);
+            // Meanwhile the first agent starts with its defaults and records them.
+            weft_agent::network::check(store, &agent(&[]))
+                .await
+                .unwrap();
+            let e = plan.write(store).await.unwrap_err();
+            assert!(e.contains("changed while it was read; try again"), "{e}");
+            assert_eq!(
+                recorded(store.get(NETWORK_KEY).await.unwrap()).backend,
+                BackendKind::Vxlan,
+                "the agent's record stands"
+            );
+            // Tried again, it starts from the agent's record.
+            let plan = Plan::read(store, &set).await.unwrap();
+            plan.write(store).await.unwrap();
+            let now = recorded(store.get(NETWORK_KEY).await.unwrap());
+            assert_eq!(now.backend, BackendKind::HostGw);
+            assert_eq!(now.cluster_cidr.to_string(), "10.244.0.0/16");
+        })
+    }
+
+    #[test]
+    fn a_set_between_two_reads_of_the_same_revision_lets_one_win() {
+        with_db("netcas2", async |store| {
+            let a = Plan::read(
+                store,
+                &SetArgs {
+                    subnet_len: Some(26),
+                    ..SetArgs::none()
+                },
+            )
+            .await
+            .unwrap();
+            let b = Plan::read(
+                store,
+                &SetArgs {
+                    backend: Some("directrouting".into()),
+                    ..SetArgs::none()
+                },
+            )
+            .await
+            .unwrap();
+            a.write(store).await.unwrap();
+            assert!(b.write(store).await.is_err());
+            let now = recorded(store.get(NETWORK_KEY).await.unwrap());
+            assert_eq!((now.subnet_len, now.backend), (26, BackendKind::Vxlan));
+        })
+    }
 }

@@ -299,8 +299,9 @@ fn node_leave_and_lease_expiry() {
         })
     };
 
-    // The agents recorded the cluster's network settings; reset forgets them, and the next agent
-    // to start records its own again.
+    // The lab recorded the cluster's network settings and gave the agents none. Reset forgets
+    // them; the next agent to start would record its own defaults (vxlan), but the others' leases
+    // say host-gw, so it refuses to start. Once they are set again it starts.
     let network = |cmd: &str| {
         let out = lab.weftctl(&["network", cmd, "--store", &store]);
         (
@@ -323,10 +324,44 @@ fn node_leave_and_lease_expiry() {
     let (ok, shown) = network("show");
     assert!(!ok && shown.contains("no /weft/config/network"), "{shown}");
     lab.ok(&["node", "restart", "node1"]);
+    let log1 = lab.state_dir.join(&lab.name).join("node1/weftd.log");
     wait_for(
-        "node1's agent to record the settings again",
+        "node1's agent to refuse its defaults",
         Duration::from_secs(10),
-        || network("show").0,
+        || {
+            lab.agent_pid("node1").is_none()
+                && std::fs::read_to_string(&log1)
+                    .unwrap()
+                    .contains("node node2 runs backend host-gw (this node: vxlan)")
+        },
+    );
+    assert!(!network("show").0, "nothing was recorded");
+    let out = lab.weftctl(&["network", "set", "--backend", "host-gw", "--store", &store]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("restart these nodes to take the new settings: node"),
+        "{out:?}"
+    );
+    // Its first start (at `up`) logged the same: it was given no backend either.
+    let took = "from the cluster's settings (/weft/config/network): --backend host-gw";
+    assert_eq!(
+        std::fs::read_to_string(&log1)
+            .unwrap()
+            .matches(took)
+            .count(),
+        1
+    );
+    lab.ok(&["node", "restart", "node1"]);
+    wait_for(
+        "node1's agent to start on the settings set",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log1)
+                .unwrap()
+                .matches(took)
+                .count()
+                == 2
+        },
     );
 
     // The cluster's settings changed under the running agents (`network set`), then node2's

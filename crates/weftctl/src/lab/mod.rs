@@ -427,16 +427,38 @@ impl Lab {
             format!("sqlite://{}", self.dir.join("store.db").display())
         };
         self.save(s)?;
+        // The cluster's settings go into the store before any agent starts, and the agents are
+        // given none: each takes them from there, as nodes joining a real cluster would.
+        progress(&format!(
+            "network: {}, backend {}, recorded in the store",
+            a.cluster_cidr, a.backend
+        ));
+        let set = crate::network::SetArgs {
+            cluster_cidr: Some(a.cluster_cidr),
+            backend: Some(a.backend.clone()),
+            ..crate::network::SetArgs::none()
+        };
+        // From the router, where etcd listens.
+        let url = s.store_url.clone();
+        Netns::open(NamedNetns::path(&router))
+            .map_err(|e| e.to_string())?
+            .run(|| {
+                crate::with_store(&url, async |store| {
+                    crate::network::Plan::read(store, &set)
+                        .await?
+                        .write(store)
+                        .await
+                })
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("recording the network settings: {e}"))?;
 
         for i in 1..=a.nodes {
             let name = format!("node{i}");
             let k = ((i - 1) % a.subnets as u32) as u8 + 1;
             let underlay_ip = Ipv4Addr::new(10, 99 + k, 0, 10 + i as u8);
             let gateway = Ipv4Addr::new(10, 99 + k, 0, 1);
-            progress(&format!(
-                "node {name}: {underlay_ip} on br{k}, weftd --backend {}",
-                a.backend
-            ));
+            progress(&format!("node {name}: {underlay_ip} on br{k}"));
             let netns = self.netns_name("n", &name);
             make_netns(&netns)?;
             let port = name.clone();
@@ -555,30 +577,22 @@ impl Lab {
 
     fn agent_command(&self, s: &LabState, node: &NodeState) -> Command {
         let mut cmd = Command::new(&s.weftd);
-        cmd.args([
-            "--node-name",
-            &node.name,
-            "--backend",
-            &s.backend,
-            "--iface",
-            "eth0",
-        ])
-        .args([
-            "--store",
-            &s.store_url,
-            "--lease-ttl",
-            "10",
-            "--resync",
-            "5",
-            "--services-repair",
-            "5",
-        ])
-        .args(["--mode", &s.mode, "--listen", "127.0.0.1:9967"])
-        .args(s.cluster_cidr.iter().flat_map(|c| ["--cluster-cidr", c]))
-        .arg("--run-dir")
-        .arg(node.dir.join("run"))
-        .arg("--state-dir")
-        .arg(node.dir.join("state"));
+        cmd.args(["--node-name", &node.name, "--iface", "eth0"])
+            .args([
+                "--store",
+                &s.store_url,
+                "--lease-ttl",
+                "10",
+                "--resync",
+                "5",
+                "--services-repair",
+                "5",
+            ])
+            .args(["--mode", &s.mode, "--listen", "127.0.0.1:9967"])
+            .arg("--run-dir")
+            .arg(node.dir.join("run"))
+            .arg("--state-dir")
+            .arg(node.dir.join("state"));
         cmd
     }
 
