@@ -364,9 +364,6 @@ impl Netlink {
         if let Some(mtu) = spec.mtu {
             b = b.mtu(mtu);
         }
-        if let Some(alias) = spec.alias {
-            b = b.alias(alias);
-        }
         if let Some(c) = spec.controller {
             b = b.controller(c);
         }
@@ -385,7 +382,15 @@ impl Netlink {
                     ),
                     e,
                 )
-            })
+            })?;
+        // The kernel ignores an alias in the message that creates a link: it is set after.
+        if let Some(alias) = spec.alias {
+            let msg = LinkUnspec::new_with_name(spec.name).alias(alias).build();
+            self.handle.link().set(msg).execute().await.map_err(|e| {
+                Error::netlink(format!("setting the alias of veth {}", spec.name), e)
+            })?;
+        }
+        Ok(())
     }
 
     pub async fn set_up(&self, index: u32, name: &str) -> Result<(), Error> {

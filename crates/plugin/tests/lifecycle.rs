@@ -51,6 +51,21 @@ fn gc_releases_what_is_not_valid() {
         "weft/othernet/ghost/eth0",
     ]);
 
+    // A pod whose address record is lost (an ADD that died before writing it): its veth is found
+    // by the alias ADD gave it.
+    let made = results[2]["interfaces"][0]["name"].as_str().unwrap();
+    let shown = node.host.ip(&["link", "show", made]);
+    assert!(shown.contains("alias weft/weft/gc2/eth0"), "{shown}");
+    let ipam = node.data_dir().join("weft");
+    std::fs::remove_file(ipam.join(result_ip(&results[2]).to_string())).unwrap();
+    for e in std::fs::read_dir(ipam.join("by-attachment")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().contains("gc2") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    assert_eq!(node.ipam_records().len(), 4, "{:?}", node.ipam_records());
+
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "gc0", "ifname": "eth0"}]);
     node.exec("GC", None, &gc).expect("GC");
