@@ -38,6 +38,9 @@ pub struct Link {
     pub up: bool,
     /// A VXLAN device's settings, as the kernel reports them.
     pub vxlan: Option<VxlanAttrs>,
+    /// The other end of a veth: its index, and the id of its namespace as this one knows it
+    /// (None: the same namespace).
+    pub peer: Option<(u32, Option<i32>)>,
 }
 
 /// What a VXLAN device was made with (the part Weft sets).
@@ -63,13 +66,17 @@ impl Link {
             controller: None,
             up: msg.header.flags.contains(LinkFlags::Up),
             vxlan: None,
+            peer: None,
         };
+        let (mut peer, mut peer_netns) = (None, None);
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Link(i) => peer = Some(*i),
+                LinkAttribute::LinkNetNsId(n) => peer_netns = Some(*n),
                 LinkAttribute::Address(a) if a.len() == 6 => {
                     link.mac = Some(a[..].try_into().expect("length checked"))
                 }
@@ -97,6 +104,9 @@ impl Link {
                 }
                 _ => {}
             }
+        }
+        if link.kind.as_deref() == Some("veth") {
+            link.peer = peer.map(|i| (i, peer_netns));
         }
         link
     }
@@ -401,6 +411,92 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("setting {name} up"), e))
+    }
+
+    /// Sets the MTU of a link of this connection's namespace. (Not of another namespace's by its
+    /// id: in RTM_SETLINK a target namespace id means "move the link there".)
+    pub async fn set_mtu(&self, index: u32, what: &str, mtu: u32) -> Result<(), Error> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("setting the MTU of {what} to {mtu}"), e))
+    }
+
+    /// The id by which this connection's namespace knows `ns` (as in [`Link::peer`]), or None if
+    /// it has given it none.
+    pub async fn netns_id(&self, ns: &Netns) -> Result<Option<i32>, Error> {
+        use futures::StreamExt;
+        use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+        use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+        use netlink_packet_route::RouteNetlinkMessage;
+        let op = || format!("asking the id of namespace {}", ns.path().display());
+        let mut msg = NsidMessage::default();
+        msg.attributes = vec![NsidAttribute::Fd(ns.fd().as_raw_fd() as u32)];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut answers = self
+            .handle
+            .clone()
+            .request(req)
+            .map_err(|e| Error::netlink(op(), e))?;
+        while let Some(m) = answers.next().await {
+            match m.payload {
+                NetlinkPayload::Error(e) => {
+                    return Err(Error::netlink(op(), rtnetlink::Error::NetlinkError(e)))
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    return Ok(m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                        _ => None,
+                    }));
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The namespaces that this connection's namespace knows by `ids`, looked for among the
+    /// named ones (/run/netns, where container runtimes keep pods' too) and then those of every
+    /// process (/proc/*/ns/net). One pass, each namespace asked once, until all are found; an id
+    /// not found is left out.
+    pub async fn netns_by_ids(
+        &self,
+        ids: &std::collections::HashSet<i32>,
+    ) -> Result<std::collections::HashMap<i32, Netns>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let mut found = std::collections::HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let named = std::fs::read_dir(crate::netns::NETNS_RUN_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path());
+        let procs = std::fs::read_dir("/proc")
+            .map_err(|e| Error::io("listing /proc", e))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .map(|e| e.path().join("ns/net"));
+        for path in named.chain(procs) {
+            if found.len() == ids.len() {
+                break;
+            }
+            // Processes come and go, and not every file there is a namespace.
+            let Ok(ns) = Netns::open(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            if let Some(id) = self.netns_id(&ns).await?.filter(|id| ids.contains(id)) {
+                found.insert(id, ns);
+            }
+        }
+        Ok(found)
     }
 
     /// Lets a frame leave a bridge port it came in on: a pod reaching itself through a service

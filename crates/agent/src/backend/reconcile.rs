@@ -39,9 +39,17 @@ pub async fn reconcile(
                 mtu: v.mtu,
             };
             let existing = nl.link(VXLAN_DEVICE).await?;
-            // A device that differs in anything Weft sets (learning switched on by hand, another
-            // port, an underlay address that changed) is made again.
-            let stale = existing.as_ref().is_some_and(|l| !spec.matches(l));
+            // A device that differs in anything Weft sets but the MTU (learning switched on by
+            // hand, another port, an underlay address that changed) is made again. A new MTU
+            // (the underlay's changed) is set in place: remaking would drop every route,
+            // neighbour and FDB entry through it for a moment.
+            let stale = existing.as_ref().is_some_and(|l| {
+                !VxlanSpec {
+                    mtu: l.mtu,
+                    ..spec.clone()
+                }
+                .matches(l)
+            });
             if stale {
                 nl.del_link(VXLAN_DEVICE).await?;
                 changes += 1;
@@ -57,6 +65,10 @@ pub async fn reconcile(
                     })?
                 }
             };
+            if link.mtu != spec.mtu {
+                nl.set_mtu(link.index, VXLAN_DEVICE, spec.mtu).await?;
+                changes += 1;
+            }
             if !link.up {
                 nl.set_up(link.index, VXLAN_DEVICE).await?;
                 changes += 1;
