@@ -352,6 +352,12 @@ fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
         .interface
         .and_then(|i| prev.interfaces.get(i))
         .and_then(|i| i.mtu);
+    // The node's MTU now, which weftd moves running pods to when the underlay's changes; an
+    // unreadable subnet.env (the agent restarting) leaves only the recorded one.
+    let node_mtu = crate::subnet_env::SubnetEnv::read(&wc.subnet_file())
+        .ok()
+        .flatten()
+        .and_then(|e| e.mtu);
     let mut plan = wiring::plan(
         &id,
         mode,
@@ -372,7 +378,7 @@ fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
         .block_on(async {
             let host = Netlink::connect()?;
             let pod = Netlink::connect_in(&pod_ns)?;
-            wiring::verify(&plan, &host, &pod, mtu).await
+            wiring::verify(&plan, &host, &pod, mtu.map(|m| (m, node_mtu))).await
         })
         .map_err(kernel)?;
     if problems.is_empty() {

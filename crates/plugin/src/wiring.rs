@@ -248,12 +248,13 @@ fn fault_point(point: &str) -> Result<()> {
 }
 
 /// What CHECK found wrong, in words an operator can act on; empty means the pod is wired as
-/// planned. `mtu` is checked when the previous result recorded one.
+/// planned. The MTU is checked when the previous result recorded one: `mtu` is (the recorded
+/// one, the node's current one), and either will do, the same on both ends.
 pub async fn verify(
     p: &PodPlan,
     host: &Netlink,
     pod: &Netlink,
-    mtu: Option<u32>,
+    mtu: Option<(u32, Option<u32>)>,
 ) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     let Some(hv) = host.link(&p.host_veth).await? else {
@@ -311,11 +312,23 @@ pub async fn verify(
             weft_net::format_mac(&p.pod_mac)
         ));
     }
-    for (what, link) in [("pod interface", &pl), ("host veth", &hv)] {
-        if let Some(m) = mtu.filter(|m| *m != link.mtu) {
+    if let Some((recorded, node)) = mtu {
+        let wanted = match node.filter(|n| *n != recorded) {
+            Some(n) => format!("{recorded} (or the node's current {n})"),
+            None => recorded.to_string(),
+        };
+        for (what, link) in [("pod interface", &pl), ("host veth", &hv)] {
+            if link.mtu != recorded && Some(link.mtu) != node {
+                problems.push(format!(
+                    "{what} {} has MTU {} instead of {wanted}",
+                    link.name, link.mtu
+                ));
+            }
+        }
+        if pl.mtu != hv.mtu {
             problems.push(format!(
-                "{what} {} has MTU {} instead of {m}",
-                link.name, link.mtu
+                "pod interface {} has MTU {}, its host end {} {}",
+                pl.name, pl.mtu, hv.name, hv.mtu
             ));
         }
     }

@@ -393,3 +393,57 @@ fn a_second_attachment_keeps_the_pods_default_route() {
     node.exec("CHECK", Some(&rt(&pod, "multi")), &check)
         .expect("CHECK of the first");
 }
+
+/// weftd moves running pods to the node's new MTU when the underlay's changes: CHECK then takes
+/// the node's current MTU (subnet.env) as well as the recorded one, but still wants both ends of
+/// the veth alike.
+#[test]
+fn check_takes_the_mtu_the_node_moved_its_pods_to() {
+    let node = Node::new("mtu-host");
+    let pod = Ns::new("mtu-pod");
+    std::fs::create_dir_all(node.run_dir()).unwrap();
+    let env = |mtu: u32| {
+        std::fs::write(
+            node.run_dir().join("subnet.env"),
+            format!("WEFT_SUBNET=10.244.9.0/24\nWEFT_MTU={mtu}\nWEFT_NETWORK_NAME=weft\n"),
+        )
+        .unwrap()
+    };
+    env(1450);
+    let mut conf = node.conf("bridge", "10.244.9.0/24");
+    conf.as_object_mut().unwrap().remove("subnet");
+    let r = node.add(&conf, &pod, "mtu").unwrap();
+    assert_eq!(r["interfaces"][1]["mtu"], 1450, "{r}");
+    let host_veth = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let mut check = conf.clone();
+    check["prevResult"] = r;
+    let check = || {
+        node.exec("CHECK", Some(&rt(&pod, "mtu")), &check)
+            .map(|_| ())
+    };
+    check().expect("CHECK as made");
+    let set = |ns: &Ns, dev: &str, mtu: &str| ns.ip(&["link", "set", dev, "mtu", mtu]);
+    // Moved to 1400 while the node still says 1450: wrong.
+    set(&pod, "eth0", "1400");
+    set(&node.host, &host_veth, "1400");
+    let e = check().unwrap_err();
+    assert_eq!(e.code, code::CHECK_FAILED, "{e}");
+    assert!(
+        e.msg
+            .contains("pod interface eth0 has MTU 1400 instead of 1450"),
+        "{e}"
+    );
+    // The node's MTU is 1400 now: right.
+    env(1400);
+    check().expect("CHECK at the node's new MTU");
+    // Only one end moved: wrong, with both named.
+    set(&pod, "eth0", "1300");
+    let e = check().unwrap_err();
+    for part in [
+        "pod interface eth0 has MTU 1300 instead of 1450 (or the node's current 1400)",
+        &format!("pod interface eth0 has MTU 1300, its host end {host_veth} 1400"),
+    ] {
+        assert!(e.msg.contains(part), "{e} lacks {part}");
+    }
+    node.del(&conf, &pod, "mtu").unwrap();
+}

@@ -166,12 +166,13 @@ fn jumbo_underlay_vxlan() {
     let vxlan = lab.ip("node1", &["-o", "link", "show", "weft.vxlan"]);
     assert!(vxlan.contains(" mtu 8950 "), "{vxlan}");
     let peer = pod_ip(&lab, "n2p1").to_string();
-    let ping = |size: &str| {
+    let ping_from = |pod: &str, size: &str| {
         lab.run(&[
-            "exec", "n1p1", "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
+            "exec", pod, "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
             &peer,
         ])
     };
+    let ping = |size: &str| ping_from("n1p1", size);
     // 8950 − 20 (IP) − 8 (ICMP): the largest that fits; one more is refused at the pod.
     let fits = ping("8922");
     assert!(
@@ -183,6 +184,109 @@ fn jumbo_underlay_vxlan() {
     assert!(!too_big.status.success());
     let matrix = lab.ok(&["check"]);
     assert!(matrix.contains("4 passed, 0 failed"), "{matrix}");
+
+    // node1's underlay MTU drops to 1500 under running pods. Within a resync its agent gives new
+    // pods 1450 and moves the running ones there, both ends of their veth, and the tunnel too,
+    // in place. A pod whose MTU is another (given by its CNI conf; set by hand here) keeps it.
+    lab.ok(&["pod", "add", "node1", "pinned"]);
+    // The MTU of a pod's eth0 and of its host end: `eth0@ifN` names the host end's index.
+    let mtus = |pod: &str, node: &str| {
+        let line = lab.ip(pod, &["-o", "link", "show", "eth0"]);
+        let mtu = |l: &str| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "mtu").unwrap();
+            w[i + 1].to_string()
+        };
+        let peer = line.split("@if").nth(1).unwrap().split(':').next().unwrap();
+        let host = lab.ip(node, &["-o", "link", "show"]);
+        let host = host
+            .lines()
+            .find(|l| l.starts_with(&format!("{peer}: ")))
+            .unwrap_or_else(|| panic!("no #{peer} on {node}: {host}"));
+        (mtu(&line), mtu(host))
+    };
+    let pinned_host = lab.ip("pinned", &["-o", "link", "show", "eth0"]);
+    let pinned_host = pinned_host
+        .split("@if")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    let pinned_host = lab
+        .ip("node1", &["-o", "link", "show"])
+        .lines()
+        .find(|l| l.starts_with(&format!("{pinned_host}: ")))
+        .unwrap()
+        .split(": ")
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    lab.ip("pinned", &["link", "set", "eth0", "mtu", "4000"]);
+    lab.ip("node1", &["link", "set", &pinned_host, "mtu", "4000"]);
+    let vxlan_index = |node: &str| {
+        let line = lab.ip(node, &["-o", "link", "show", "weft.vxlan"]);
+        line.split(':').next().unwrap().to_string()
+    };
+    let tunnel = vxlan_index("node1");
+    lab.ip("node1", &["link", "set", "eth0", "mtu", "1500"]);
+    let env = lab.state_dir.join(&lab.name).join("node1/run/subnet.env");
+    wait_for(
+        "node1's pods to move to MTU 1450",
+        Duration::from_secs(12),
+        || mtus("n1p1", "node1") == ("1450".into(), "1450".into()),
+    );
+    assert!(std::fs::read_to_string(&env)
+        .unwrap()
+        .contains("WEFT_MTU=1450"));
+    let vxlan = lab.ip("node1", &["-o", "link", "show", "weft.vxlan"]);
+    assert!(vxlan.contains(" mtu 1450 "), "{vxlan}");
+    assert_eq!(
+        vxlan_index("node1"),
+        tunnel,
+        "the tunnel was not made again"
+    );
+    assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
+    let log =
+        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+    assert!(
+        log.contains("moved 1 pods from MTU 8950 to the node's new 1450"),
+        "{log}"
+    );
+    // node2 and its pod keep theirs.
+    assert_eq!(mtus("n2p1", "node2"), ("8950".into(), "8950".into()));
+    // The largest packet that fits now crosses; one more is refused at the pod.
+    assert!(ping_from("n1p1", "1422").status.success());
+    assert!(!ping_from("n1p1", "1423").status.success());
+    let matrix = lab.ok(&["check"]);
+    assert!(matrix.contains(" 0 failed"), "{matrix}");
+
+    // Back to 9000 while node1's agent is stopped (SIGSTOP, so it cannot see it): the next agent
+    // finds subnet.env's old MTU at start and moves the pods.
+    let pid = lab.agent_pid("node1").expect("node1's agent");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    lab.ip("node1", &["link", "set", "eth0", "mtu", "9000"]);
+    lab.ok(&["node", "restart", "node1", "--kill"]);
+    wait_for(
+        "the restarted agent to move node1's pods to MTU 8950",
+        Duration::from_secs(12),
+        || mtus("n1p1", "node1") == ("8950".into(), "8950".into()),
+    );
+    let log =
+        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+    assert!(
+        log.contains("moved 1 pods from MTU 1450 to the node's new 8950"),
+        "{log}"
+    );
+    assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
+    assert!(ping_from("n1p1", "8922").status.success());
 }
 
 #[test]
