@@ -196,7 +196,7 @@ pub async fn acquire<S: Store>(
     Err("could not lease a subnet: every attempt lost a race to another node".into())
 }
 
-/// Writes subnet.env; returns the pod MTU it said before, if it said another.
+/// Writes subnet.env; returns the pod MTU it said before, if any.
 fn write_subnet_env(
     cfg: &Config,
     lease: &Lease,
@@ -215,84 +215,7 @@ fn write_subnet_env(
     env.write(&path)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     remember_subnet(cfg, lease.subnet)?;
-    Ok(before.filter(|b| Some(*b) != env.mtu))
-}
-
-/// After the node's pod MTU changed from `old` to `new` (the underlay's MTU or the backend
-/// changed), the pods made with `old` take `new`, both ends of their veth, so that running pods
-/// neither send what the tunnel cannot carry nor stay below it. A pod with another MTU was given
-/// its own in the CNI conf, and keeps it. Returns how many pods moved; errors are logged per pod
-/// (one whose namespace is going away, say).
-pub async fn follow_pod_mtu(nl: &Netlink, network: &str, old: u32, new: u32) -> usize {
-    let links = match nl.links().await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("listing the pods' veths to move them to MTU {new}: {e}");
-            return 0;
-        }
-    };
-    // Host ends of this network's pods at the old MTU, with their pod end: (index, namespace id).
-    let pods: Vec<(weft_net::Link, u32, i32)> = links
-        .into_iter()
-        .filter(|l| {
-            l.mtu == old
-                && l.alias
-                    .as_deref()
-                    .and_then(weft_plugin::names::parse_veth_alias)
-                    .is_some_and(|(net, _, _)| net == network)
-        })
-        .filter_map(|l| match l.peer {
-            Some((peer, Some(id))) => Some((l, peer, id)),
-            _ => None,
-        })
-        .collect();
-    if pods.is_empty() {
-        return 0;
-    }
-    let ids = pods.iter().map(|(_, _, id)| *id).collect();
-    let namespaces = match nl.netns_by_ids(&ids).await {
-        Ok(n) => n,
-        Err(e) => {
-            warn!("finding the pods' namespaces to move them to MTU {new}: {e}");
-            return 0;
-        }
-    };
-    let mut moved = 0;
-    for (host, peer, id) in pods {
-        let Some(ns) = namespaces.get(&id) else {
-            warn!(
-                "{}: its pod's namespace (id {id}) is not in /run/netns nor any process's;                  it keeps MTU {old}",
-                host.name
-            );
-            continue;
-        };
-        // The pod's end first: the host's end, still at the old MTU, takes what it sends.
-        let done = async {
-            let pod = Netlink::connect_in(ns)?;
-            // The link at that index there must be this veth's other end.
-            match pod.link_by_index(peer).await? {
-                Some(p) if p.peer.map(|(i, _)| i) == Some(host.index) => {
-                    pod.set_mtu(peer, &format!("{} in {}", p.name, ns.path().display()), new)
-                        .await?
-                }
-                _ => {
-                    return Err(weft_net::Error::Io {
-                        op: format!("finding the pod end of {}", host.name),
-                        source: std::io::Error::other("gone, or not its peer"),
-                    })
-                }
-            }
-            nl.set_mtu(host.index, &host.name, new).await
-        };
-        match done.await {
-            Ok(()) => moved += 1,
-            Err(e) => warn!("{e}"),
-        }
-    }
-    if moved > 0 {
-        info!("moved {moved} pods from MTU {old} to the node's new {new}");
-    }
-    moved
+    Ok(before)
 }
 
 /// Keeps the node's subnet in `<state-dir>/subnet`, to ask for it again if the lease expires
@@ -527,11 +450,9 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         lease.subnet,
         cfg.backend.as_str()
     );
-    if let Some(old) = write_subnet_env(&cfg, &lease, &underlay)? {
-        // The underlay's MTU or the backend changed while the agent was away.
-        let new = cfg.backend.pod_mtu(underlay.mtu);
-        follow_pod_mtu(&nl, &cfg.network_name, old, new).await;
-    }
+    let before = write_subnet_env(&cfg, &lease, &underlay)?;
+    // The underlay's MTU or the backend may have changed while the agent was away.
+    crate::pod_mtu::settle(&nl, &cfg, cfg.backend.pod_mtu(underlay.mtu), before).await;
     weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
 
     let (lease_tx, mut lease_rx) = watch::channel(lease);
@@ -623,6 +544,8 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 underlay = now;
                 *seen_underlay.lock().expect("not poisoned") = underlay.clone();
             }
+            // Pods follow a new MTU; a move that failed part way is tried again here.
+            crate::pod_mtu::settle(&nl, &cfg, cfg.backend.pod_mtu(underlay.mtu), None).await;
         }
         // The lease says where peers reach this node. The lease keeper may have leased again
         // with the underlay it knew when it started, so this is checked on every pass.
@@ -722,8 +645,8 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
 }
 
 /// The underlay as it is now (`underlay::detect_again`): on a change, logs the old and the new,
-/// and on a new MTU rewrites subnet.env and moves the running pods to it. While detection
-/// fails, the old one stays.
+/// and on a new MTU rewrites subnet.env (the caller then moves the running pods, `pod_mtu`).
+/// While detection fails, the old one stays.
 async fn follow_underlay(
     nl: &Netlink,
     cfg: &Config,
@@ -750,13 +673,8 @@ async fn follow_underlay(
             now.mtu
         );
         if now.mtu != underlay.mtu {
-            match write_subnet_env(cfg, lease, &now) {
-                Ok(Some(old)) => {
-                    let new = cfg.backend.pod_mtu(now.mtu);
-                    follow_pod_mtu(nl, &cfg.network_name, old, new).await;
-                }
-                Ok(None) => {}
-                Err(e) => error!("{e}"),
+            if let Err(e) = write_subnet_env(cfg, lease, &now) {
+                error!("{e}");
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod events;
 mod http;
 pub mod lease;
 pub mod network;
+mod pod_mtu;
 mod services;
 mod underlay;
 

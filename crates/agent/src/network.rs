@@ -512,8 +512,11 @@ mod tests {
             value: &[u8],
             lease: Option<weft_store::LeaseId>,
         ) -> weft_store::Result<Option<weft_store::Revision>> {
-            let theirs = self.theirs.lock().unwrap().take();
-            if let Some(theirs) = theirs.filter(|_| key == NETWORK_KEY) {
+            let theirs = match key {
+                NETWORK_KEY => self.theirs.lock().unwrap().take(),
+                _ => None,
+            };
+            if let Some(theirs) = theirs {
                 self.inner.put(key, theirs, None).await?;
             }
             self.inner.cas(key, expected, value, lease).await

@@ -467,7 +467,6 @@ impl Netlink {
         &self,
         ids: &std::collections::HashSet<i32>,
     ) -> Result<std::collections::HashMap<i32, Netns>, Error> {
-        use std::os::unix::fs::MetadataExt;
         let mut found = std::collections::HashMap::new();
         let mut seen = std::collections::HashSet::new();
         let named = std::fs::read_dir(crate::netns::NETNS_RUN_DIR)
@@ -484,16 +483,16 @@ impl Netlink {
             if found.len() == ids.len() {
                 break;
             }
-            // Processes come and go, and not every file there is a namespace.
+            // Processes come and go, and not every file there is a namespace; one that cannot be
+            // asked is passed over.
             let Ok(ns) = Netns::open(&path) else { continue };
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            if !seen.insert((meta.dev(), meta.ino())) {
+            if !ns.inode().is_some_and(|i| seen.insert(i)) {
                 continue;
             }
-            if let Some(id) = self.netns_id(&ns).await?.filter(|id| ids.contains(id)) {
-                found.insert(id, ns);
+            if let Ok(Some(id)) = self.netns_id(&ns).await {
+                if ids.contains(&id) {
+                    found.insert(id, ns);
+                }
             }
         }
         Ok(found)

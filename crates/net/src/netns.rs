@@ -53,11 +53,16 @@ impl Netns {
 
     /// Whether both handles name the same namespace (same nsfs inode).
     pub fn same_as(&self, other: &Netns) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match (self.file.metadata(), other.file.metadata()) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        match (self.inode(), other.inode()) {
+            (Some(a), Some(b)) => a == b,
             _ => false,
         }
+    }
+
+    /// The namespace's identity: device and inode of the open nsfs file.
+    pub fn inode(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {

@@ -31,7 +31,7 @@ enum NetworkCommand {
     Reset,
 }
 
-#[derive(Args, Default)]
+#[derive(Args)]
 pub struct SetArgs {
     /// The pod CIDR, cut into node subnets.
     #[arg(long)]
@@ -57,8 +57,12 @@ impl SetArgs {
     /// Nothing given, and the agents' default Service CIDR.
     pub fn none() -> SetArgs {
         SetArgs {
+            cluster_cidr: None,
+            subnet_len: None,
+            backend: None,
+            vxlan_port: None,
+            vxlan_vni: None,
             service_cidr: DEFAULT_SERVICE_CIDR.parse().expect("a CIDR"),
-            ..SetArgs::default()
         }
     }
 }
@@ -96,14 +100,19 @@ impl Plan {
     }
 
     /// Writes the new settings against the revision read, so that an agent recording its own
-    /// meanwhile is not overwritten unseen. Returns the nodes that still run other settings.
-    pub async fn write(&self, store: &impl Store) -> Result<Vec<String>, String> {
+    /// meanwhile is not overwritten unseen.
+    pub async fn write(&self, store: &impl Store) -> Result<(), String> {
         let json = serde_json::to_vec(&self.new).expect("serializable");
         store
             .cas(NETWORK_KEY, self.revision, &json, None)
             .await
             .map_err(|e| format!("writing {NETWORK_KEY}: {e}"))?
             .ok_or_else(|| format!("{NETWORK_KEY} changed while it was read; try again"))?;
+        Ok(())
+    }
+
+    /// The nodes that still run other settings than the new ones.
+    pub async fn behind(&self, store: &impl Store) -> Result<Vec<String>, String> {
         // They need a restart (and, if they were given the old settings, new flags). A lease
         // does not carry the CIDR, so a new CIDR or subnet length (or a first record: the nodes
         // ran on their own) puts every node behind.
@@ -200,11 +209,12 @@ fn network(a: NetworkArgs) -> Result<(), String> {
             }
             NetworkCommand::Set(set) => {
                 let plan = Plan::read(store, &set).await?;
-                let behind = plan.write(store).await?;
+                plan.write(store).await?;
                 println!(
                     "{}",
                     serde_json::to_string(&plan.new).expect("serializable")
                 );
+                let behind = plan.behind(store).await?;
                 if !behind.is_empty() {
                     println!(
                         "restart these nodes to take the new settings: {}",

@@ -430,7 +430,7 @@ impl Lab {
         // The cluster's settings go into the store before any agent starts, and the agents are
         // given none: each takes them from there, as nodes joining a real cluster would.
         progress(&format!(
-            "network: {}, backend {}, recorded in the store",
+            "network: recording {}, backend {} in the store",
             a.cluster_cidr, a.backend
         ));
         let set = crate::network::SetArgs {
@@ -438,20 +438,15 @@ impl Lab {
             backend: Some(a.backend.clone()),
             ..crate::network::SetArgs::none()
         };
-        // From the router, where etcd listens.
-        let url = s.store_url.clone();
-        Netns::open(NamedNetns::path(&router))
-            .map_err(|e| e.to_string())?
-            .run(|| {
-                crate::with_store(&url, async |store| {
-                    crate::network::Plan::read(store, &set)
-                        .await?
-                        .write(store)
-                        .await
-                })
+        objects::session(s, |db| {
+            db.run(async |store| {
+                crate::network::Plan::read(store, &set)
+                    .await?
+                    .write(store)
+                    .await
             })
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("recording the network settings: {e}"))?;
+        })
+        .map_err(|e| format!("recording the network settings: {e}"))?;
 
         for i in 1..=a.nodes {
             let name = format!("node{i}");
@@ -845,15 +840,26 @@ impl Lab {
             self.name, s.backend, s.store, s.store_url, s.mode
         );
         println!();
+        // Each node's backend as its lease says (after `weftctl network set`, a node not yet
+        // restarted runs the old one); `-` without a lease.
+        let leases = objects::session(&s, |db| {
+            db.run(async |store| weft_agent::lease::leases(store).await)
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_default();
         println!("NODE     UNDERLAY-IP    SUBNET           BACKEND        AGENT-PID");
         for n in &s.nodes {
             let subnet = weft_plugin_subnet(&n.dir).unwrap_or_else(|| "-".into());
+            let backend = leases
+                .iter()
+                .find(|(_, l)| l.node == n.name)
+                .map_or("-", |(_, l)| l.backend.as_str());
             println!(
                 "{:<8} {:<14} {:<16} {:<14} {}",
                 n.name,
                 n.underlay_ip.to_string(),
                 subnet,
-                s.backend,
+                backend,
                 pid_text(n.agent_pid)
             );
         }

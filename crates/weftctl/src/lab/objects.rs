@@ -25,6 +25,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// `f` on the lab's store, from the router's namespace.
+    pub fn run<T>(&self, f: impl AsyncFnOnce(&AnyStore) -> T) -> T {
+        self.rt.block_on(f(&self.store))
+    }
+
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let (kvs, _) = self
             .rt

@@ -1,0 +1,173 @@
+//! Running pods follow the node's pod MTU when it changes (the underlay's MTU, or the backend):
+//! both ends of their veth, not only the pods made from then on. See agent.md.
+
+use crate::config::Config;
+use std::collections::HashSet;
+use tracing::{info, warn};
+use weft_net::{Link, Netlink, Netns};
+
+/// `<state-dir>/pod-mtu`: the MTU the node's pods were last made with or moved to. Kept apart
+/// from subnet.env, which says the new MTU before the pods have moved: an agent that dies in
+/// between moves them at its next start.
+const FILE: &str = "pod-mtu";
+
+fn recorded(cfg: &Config) -> Option<u32> {
+    std::fs::read_to_string(cfg.state_dir.join(FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn record(cfg: &Config, mtu: u32) {
+    let tmp = cfg.state_dir.join(".pod-mtu.tmp");
+    let done = std::fs::create_dir_all(&cfg.state_dir)
+        .and_then(|()| std::fs::write(&tmp, format!("{mtu}\n")))
+        .and_then(|()| std::fs::rename(&tmp, cfg.state_dir.join(FILE)));
+    if let Err(e) = done {
+        warn!("writing {}: {e}", cfg.state_dir.join(FILE).display());
+    }
+}
+
+/// Brings the running pods to `now`, the MTU that subnet.env gives new pods, if they were left
+/// at another. Runs at start and at every resync; cheap when nothing changed. `before` is what
+/// subnet.env said before this start, for a state dir without the record (a node upgraded to
+/// this build, say). A fresh node has neither and nothing to move.
+pub async fn settle(nl: &Netlink, cfg: &Config, now: u32, before: Option<u32>) {
+    match recorded(cfg).or(before) {
+        Some(old) if old == now => {}
+        Some(old) => {
+            if follow(nl, &cfg.network_name, old, now).await {
+                record(cfg, now);
+            }
+        }
+        None => record(cfg, now),
+    }
+}
+
+/// What became of one pod.
+enum Outcome {
+    Moved,
+    /// Not to be tried again: its namespace is gone, or its veth is not what it seemed.
+    Skipped,
+    /// To be tried again at the next resync.
+    Failed,
+}
+
+/// Moves the pods of `network` whose veth has MTU `old` to `new`, both ends. A pod with another
+/// MTU was given its own by its CNI conf, and keeps it. Returns whether every pod was settled
+/// (moved, or left for good); errors are logged per pod.
+async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> bool {
+    let links = match nl.links().await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("listing the pods' veths to move them to MTU {new}: {e}");
+            return false;
+        }
+    };
+    // Host ends of this network's pods at the old MTU, with their pod end: (index, namespace id).
+    let pods: Vec<(Link, u32, i32)> = links
+        .into_iter()
+        .filter(|l| {
+            l.mtu == old
+                && l.alias
+                    .as_deref()
+                    .and_then(weft_plugin::names::parse_veth_alias)
+                    .is_some_and(|(net, _, _)| net == network)
+        })
+        .filter_map(|l| match l.peer {
+            Some((peer, Some(id))) => Some((l, peer, id)),
+            _ => None,
+        })
+        .collect();
+    let ids: HashSet<i32> = pods.iter().map(|(_, _, id)| *id).collect();
+    let namespaces = match nl.netns_by_ids(&ids).await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("finding the pods' namespaces to move them to MTU {new}: {e}");
+            return false;
+        }
+    };
+    let home = match Netns::current() {
+        Ok(h) => h,
+        Err(e) => {
+            warn!("{e}");
+            return false;
+        }
+    };
+    let (mut moved, mut settled) = (0, true);
+    for (host, peer, id) in pods {
+        let outcome = match namespaces.get(&id) {
+            None => {
+                warn!(
+                    "{}: its pod's namespace (id {id}) is neither in /run/netns nor any \
+                     process's; it keeps MTU {old}",
+                    host.name
+                );
+                Outcome::Skipped
+            }
+            Some(ns) => move_pod(nl, &home, ns, &host, peer, old, new).await,
+        };
+        match outcome {
+            Outcome::Moved => moved += 1,
+            Outcome::Skipped => {}
+            Outcome::Failed => settled = false,
+        }
+    }
+    if moved > 0 {
+        info!("moved {moved} pods from MTU {old} to the node's new {new}");
+    }
+    settled
+}
+
+/// Both ends of one pod's veth to `new`: the pod's end first, then the host's. If the host's
+/// fails, the pod's goes back to `old`, so the two ends never stay apart.
+async fn move_pod(
+    nl: &Netlink,
+    home: &Netns,
+    ns: &Netns,
+    host: &Link,
+    peer: u32,
+    old: u32,
+    new: u32,
+) -> Outcome {
+    let pod = match Netlink::connect_in(ns) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("{e}");
+            return Outcome::Failed;
+        }
+    };
+    // The link at that index there must be this veth's other end: its peer is the host end, in
+    // this namespace.
+    let pod_end = match pod.link_by_index(peer).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("{e}");
+            return Outcome::Failed;
+        }
+    };
+    let here = pod.netns_id(home).await.ok().flatten();
+    let Some(end) = pod_end.filter(|p| p.peer.is_some_and(|(i, n)| i == host.index && n == here))
+    else {
+        warn!(
+            "{}: #{peer} in {} is not its pod end; it keeps MTU {old}",
+            host.name,
+            ns.path().display()
+        );
+        return Outcome::Skipped;
+    };
+    let what = format!("{} in {}", end.name, ns.path().display());
+    if let Err(e) = pod.set_mtu(peer, &what, new).await {
+        warn!("{e}");
+        return Outcome::Failed;
+    }
+    if let Err(e) = nl.set_mtu(host.index, &host.name, new).await {
+        warn!("{e}");
+        if let Err(e) = pod.set_mtu(peer, &what, old).await {
+            warn!("{e}");
+        }
+        return Outcome::Failed;
+    }
+    Outcome::Moved
+}
