@@ -8,6 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 packages=(
   iproute2                   # ip: the tests inspect what the plugin made
+  kmod                       # modprobe br_netfilter (below)
   nftables                   # nft: weft's own tables (agent, services, policy)
   iptables                   # the reference portmap plugin programs iptables
   conntrack                  # weftd deletes stale UDP flows of departed service endpoints
@@ -25,4 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# Bridge-mode Services need bridged IPv4 to pass the IP hooks (br_netfilter), as on any kubeadm
+# node: weftd then keeps net.bridge.bridge-nf-call-iptables on (docs/services.md).
+if [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
+  modprobe br_netfilter
 fi

@@ -196,6 +196,38 @@ pub async fn acquire<S: Store>(
     Err("could not lease a subnet: every attempt lost a race to another node".into())
 }
 
+/// In bridge mode, pods of one node talk across weft0 at layer 2. A Service connection from one
+/// pod to an endpoint on the same bridge then has its reply bridged past the IP hooks, so its
+/// DNAT is never undone (the client gets an answer from the endpoint's own address, and resets),
+/// unless br_netfilter passes bridged IPv4 through them. Kept on, like ip_forward; returns what
+/// to warn of where it cannot be.
+fn bridge_netfilter(cfg: &Config) -> Option<String> {
+    const KEY: &str = "net.bridge.bridge-nf-call-iptables";
+    if cfg.mode != "bridge" {
+        return None;
+    }
+    match weft_net::sysctl::get(KEY) {
+        Err(_) => Some(format!(
+            "{KEY} does not exist: br_netfilter is not loaded, so a pod cannot reach a Service \
+             whose endpoint is on this node's bridge; load it (modprobe br_netfilter, as kubeadm \
+             asks) or wire pods in routed mode (--mode routed)"
+        )),
+        Ok(v) if v == "1" => None,
+        Ok(v) => match weft_net::sysctl::set(KEY, "1") {
+            Ok(()) => {
+                info!(
+                    "{KEY} was {v}; set it to 1: Services between pods of this node's bridge \
+                     need it"
+                );
+                None
+            }
+            Err(e) => Some(format!(
+                "{e}: Services between pods of this node's bridge need it"
+            )),
+        },
+    }
+}
+
 /// Writes subnet.env; returns the pod MTU it said before, if any.
 fn write_subnet_env(
     cfg: &Config,
@@ -502,6 +534,8 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     // The store lease the published events are attached to (None: publish again).
     let mut published: Option<LeaseId> = None;
     let mut last_check = Instant::now() - cfg.resync;
+    // Whether the br_netfilter warning was given (once, until it clears).
+    let mut bridge_nf_warned = false;
     loop {
         if keeper.is_finished() {
             return Err(
@@ -532,9 +566,18 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         }
         if last_check.elapsed() >= cfg.resync {
             last_check = Instant::now();
-            // Forwarding is part of the datapath the drift check keeps.
+            // Forwarding is part of the datapath the drift check keeps, and so are bridged
+            // packets through the IP hooks in bridge mode.
             if let Err(e) = weft_net::sysctl::set("net.ipv4.ip_forward", "1") {
                 error!("{e}");
+            }
+            match bridge_netfilter(&cfg) {
+                Some(w) if !bridge_nf_warned => {
+                    warn!("{w}");
+                    bridge_nf_warned = true;
+                }
+                Some(_) => {}
+                None => bridge_nf_warned = false,
             }
             // So is the underlay: a node whose address changed (DHCP, a re-plumbed NIC) tells
             // its peers through its lease (below), and remakes weft.vxlan on the new address.
