@@ -553,7 +553,8 @@ impl super::Lab {
     /// from the outside through every node; the answer must come from one of the service's
     /// endpoints (or be refused when it has none). Services with a Local traffic policy are
     /// skipped: their answer depends on where the client is.
-    pub(super) fn check_services(&self, s: &LabState) -> Result<(usize, usize)> {
+    /// Probes every TCP Service from every client: (passed, failed, passed only after retries).
+    pub(super) fn check_services(&self, s: &LabState) -> Result<(usize, usize, usize)> {
         let (services, slices) = session(s, |db| {
             Ok((
                 db.list("/registry/services/specs/")?,
@@ -561,7 +562,7 @@ impl super::Lab {
             ))
         })?;
         if services.is_empty() {
-            return Ok((0, 0));
+            return Ok((0, 0, 0));
         }
         let objects = weft_services::parse_all(
             &services.into_iter().collect(),
@@ -598,7 +599,7 @@ impl super::Lab {
             .map(|p| (p.name.clone(), p.netns.clone()))
             .collect();
         clients.extend(s.nodes.iter().map(|n| (n.name.clone(), n.netns.clone())));
-        let (mut passed, mut failed) = (0, 0);
+        let (mut passed, mut failed, mut retried) = (0, 0, 0);
         println!();
         println!(
             "services (ClusterIP from every pod and node; NodePort from outside via every node):"
@@ -641,13 +642,15 @@ impl super::Lab {
                     _ => {}
                 }
             }
-            let mut bad = Vec::new();
+            let (mut bad, mut late) = (Vec::new(), Vec::new());
             let mut answers = BTreeMap::<String, usize>::new();
             for (client, ns, addr) in &probes {
                 let ns = Netns::open(NamedNetns::path(ns)).map_err(|e| e.to_string())?;
-                // The agents apply a change within milliseconds of the store; allow a moment.
+                // The agents apply a change within milliseconds of the store; allow a moment. A
+                // probe that passes only on a retry is named: in a settled lab it is a fault.
                 let mut outcome = Err(String::new());
-                for _ in 0..10 {
+                let mut first_error = None;
+                for tries in 1..=10 {
                     outcome = match super::probe(&ns, *addr) {
                         Ok(a) if expected.contains(&a) => Ok(a),
                         Ok(a) => Err(format!("answered by {a}")),
@@ -659,8 +662,17 @@ impl super::Lab {
                         }
                         Err(e) => Err(e.to_string()),
                     };
-                    if outcome.is_ok() {
-                        break;
+                    match &outcome {
+                        Ok(_) => {
+                            if let Some(e) = first_error.take() {
+                                late.push(format!(
+                                    "{client} → {addr}: ok after {tries} tries (first: {e})"
+                                ));
+                            }
+                            break;
+                        }
+                        Err(e) if first_error.is_none() => first_error = Some(e.clone()),
+                        Err(_) => {}
                     }
                     std::thread::sleep(std::time::Duration::from_millis(200));
                 }
@@ -689,8 +701,12 @@ impl super::Lab {
             for b in bad {
                 println!("    FAIL {b}");
             }
+            for l in &late {
+                println!("    RETRIED {l}");
+            }
+            retried += late.len();
         }
-        Ok((passed, failed))
+        Ok((passed, failed, retried))
     }
 }
 
