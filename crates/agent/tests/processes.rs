@@ -174,6 +174,14 @@ fn twenty_agent_processes_share_one_sqlite_file() {
         );
         let env = std::fs::read_to_string(dir.join(format!("node{i}/run/subnet.env"))).unwrap();
         assert!(env.contains(&format!("WEFT_SUBNET={}", l.subnet)), "{env}");
+        // What a restart asks for again, and the MTU the node's pods are at.
+        let state = |f: &str| std::fs::read_to_string(dir.join(format!("node{i}/state/{f}")));
+        assert_eq!(state("subnet").unwrap().trim(), l.subnet.to_string());
+        let mtu = env
+            .lines()
+            .find_map(|l| l.strip_prefix("WEFT_MTU="))
+            .unwrap();
+        assert_eq!(state("pod-mtu").unwrap().trim(), mtu);
     }
     // No agent hit an error on the way (a busy database, a lost race it could not recover from).
     let all = logs(&agents);

@@ -97,8 +97,6 @@ fn gc_releases_what_is_not_valid() {
     );
     // The kept pod still works.
     let r = Responder::start(&pods[0], result_ip(&results[0]), 80, "kept");
-    let gw = Ns::new("gc-probe");
-    drop(gw);
     assert_eq!(
         tcp_probe(&node.host, r.addr).expect("host reaches the kept pod"),
         "kept"

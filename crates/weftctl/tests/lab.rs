@@ -92,7 +92,13 @@ fn vxlan_bridge() {
 
 #[test]
 fn host_gw_routed() {
-    all_connect("host-gw", &["--mode", "routed"], "hg");
+    all_connect_then("host-gw", &["--mode", "routed"], "hg", |lab| {
+        // The mode reached the plugin through subnet.env: a /32 per pod, no bridge.
+        let addr = lab.ip("n1p1", &["-4", "-o", "addr", "show", "eth0"]);
+        assert!(addr.contains("/32 "), "{addr}");
+        let links = lab.ip("node1", &["-o", "link", "show"]);
+        assert!(!links.contains("weft0"), "{links}");
+    });
 }
 
 #[test]
@@ -165,14 +171,23 @@ fn jumbo_underlay_vxlan() {
     assert!(link.contains(" mtu 8950 "), "{link}");
     let vxlan = lab.ip("node1", &["-o", "link", "show", "weft.vxlan"]);
     assert!(vxlan.contains(" mtu 8950 "), "{vxlan}");
-    let peer = pod_ip(&lab, "n2p1").to_string();
-    let ping_from = |pod: &str, size: &str| {
+    // A ping with don't-fragment set, from one pod to another.
+    let ping_between = |from: &str, to: &str, size: &str| {
+        let to = pod_ip(&lab, to).to_string();
         lab.run(&[
-            "exec", pod, "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
+            "exec", from, "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
+            &to,
+        ])
+        .status
+        .success()
+    };
+    let ping = |size: &str| {
+        let peer = pod_ip(&lab, "n2p1").to_string();
+        lab.run(&[
+            "exec", "n1p1", "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
             &peer,
         ])
     };
-    let ping = |size: &str| ping_from("n1p1", size);
     // 8950 − 20 (IP) − 8 (ICMP): the largest that fits; one more is refused at the pod.
     let fits = ping("8922");
     assert!(
@@ -253,9 +268,14 @@ fn jumbo_underlay_vxlan() {
     );
     // node2 and its pod keep theirs.
     assert_eq!(mtus("n2p1", "node2"), ("8950".into(), "8950".into()));
-    // The largest packet that fits now crosses; one more is refused at the pod.
-    assert!(ping_from("n1p1", "1422").status.success());
-    assert!(!ping_from("n1p1", "1423").status.success());
+    // The largest packet that fits now crosses, both ways; one more is refused (at n1p1 itself,
+    // or where node1 routes into weft0, whose MTU follows its ports).
+    let weft0_mtu = || mtu(&lab.ip("node1", &["-o", "link", "show", "weft0"]));
+    assert_eq!(weft0_mtu(), "1450");
+    for (from, to) in [("n1p1", "n2p1"), ("n2p1", "n1p1")] {
+        assert!(ping_between(from, to, "1422"), "{from} → {to}");
+        assert!(!ping_between(from, to, "1423"), "{from} → {to}");
+    }
     let matrix = lab.ok(&["check"]);
     assert!(matrix.contains(" 0 failed"), "{matrix}");
 
@@ -284,7 +304,17 @@ fn jumbo_underlay_vxlan() {
         "{log}"
     );
     assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
-    assert!(ping_from("n1p1", "8922").status.success());
+    // weft0 takes its smallest port's MTU: the pinned pod's 4000 caps what node1 routes to its
+    // pods. Without it, 8922 bytes cross both ways again.
+    assert_eq!(weft0_mtu(), "4000");
+    lab.ok(&["pod", "del", "pinned"]);
+    assert_eq!(weft0_mtu(), "8950");
+    // n2p1 learned a path MTU of 1450 to n1p1 from node1's ICMP above; it would keep it 10 min.
+    lab.ip("n2p1", &["route", "flush", "cache"]);
+    for (from, to) in [("n1p1", "n2p1"), ("n2p1", "n1p1")] {
+        assert!(ping_between(from, to, "8922"), "{from} → {to}");
+        assert!(!ping_between(from, to, "8923"), "{from} → {to}");
+    }
 }
 
 #[test]
@@ -751,9 +781,13 @@ fn restart_drift_and_leave() {
         "the drift check to restore the neighbour and FDB entry",
         Duration::from_secs(12),
         || {
+            // As Weft makes them: VTEP IP → VTEP MAC, permanent (not a FAILED or learned one).
             lab.ip("node1", &["neigh", "show", "dev", "weft.vxlan"])
-                .contains(&vtep2)
-                && fdb("node1").contains(&mac2)
+                .lines()
+                .any(|l| l.starts_with(&format!("{vtep2} lladdr {mac2} PERMANENT")))
+                && fdb("node1").lines().any(|l| {
+                    l.starts_with(&mac2) && l.contains("dst 10.100.0.12") && l.contains("permanent")
+                })
         },
     );
     // node3's agent, never restarted, renews its lease (every third of the lab's 10 s TTL) well
