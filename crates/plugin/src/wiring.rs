@@ -264,6 +264,15 @@ pub async fn verify(
     if !hv.up {
         problems.push(format!("host veth {} is down", p.host_veth));
     }
+    // The alias is what GC and the agent know the veth by.
+    if hv.alias.as_deref() != Some(p.alias.as_str()) {
+        problems.push(format!(
+            "host veth {} has alias {:?} instead of {:?}",
+            p.host_veth,
+            hv.alias.as_deref().unwrap_or(""),
+            p.alias
+        ));
+    }
     if let Some(b) = &p.bridge {
         match host.link(&b.name).await? {
             None => problems.push(format!("bridge {} is missing", b.name)),

@@ -420,6 +420,17 @@ fn check_takes_the_mtu_the_node_moved_its_pods_to() {
             .map(|_| ())
     };
     check().expect("CHECK as made");
+    // Without its alias (GC and the agent find the veth by it): wrong.
+    node.host.ip(&["link", "set", &host_veth, "alias", ""]);
+    let e = check().unwrap_err();
+    assert!(
+        e.msg
+            .contains("has alias \"\" instead of \"weft/weft/mtu/eth0\""),
+        "{e}"
+    );
+    node.host
+        .ip(&["link", "set", &host_veth, "alias", "weft/weft/mtu/eth0"]);
+    check().expect("CHECK with the alias back");
     let set = |ns: &Ns, dev: &str, mtu: &str| ns.ip(&["link", "set", dev, "mtu", mtu]);
     // Moved to 1400 while the node still says 1450: wrong.
     set(&pod, "eth0", "1400");

@@ -425,7 +425,11 @@ fn services_end_to_end() {
         "default/dup: spec.ports[1]: duplicate port 80/TCP (also spec.ports[0])",
         "default/range: spec.ports[0].port 70000 is outside 1-65535",
     ] {
-        wait_for(want, Duration::from_secs(5), || log("node3").contains(want));
+        for node in ["node1", "node2", "node3"] {
+            wait_for(&format!("{node}: {want}"), Duration::from_secs(5), || {
+                log(node).contains(want)
+            });
+        }
     }
 
     // Drift: a map element deleted by hand comes back with the next repair (every 5 s in the lab).
