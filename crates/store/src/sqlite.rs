@@ -284,7 +284,25 @@ impl Store for SqliteStore {
 }
 
 impl Inner {
+    /// Opening a new file races with the other processes that open it at the same moment: one
+    /// switches it to WAL, one creates the schema. SQLite answers some of those lock conflicts
+    /// (two connections each upgrading a lock) with SQLITE_BUSY at once, without waiting in its
+    /// busy handler, so the whole open is tried again, for at most the busy timeout.
     fn open(path: PathBuf, options: SqliteOptions) -> Result<Self> {
+        let deadline = std::time::Instant::now() + options.busy_timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match Self::open_once(path.clone(), options.clone()) {
+                Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn open_once(path: PathBuf, options: SqliteOptions) -> Result<Self> {
         let writer = connect(&path, &options)?;
         // WAL is a property of the file: the first process to open it switches it, and all
         // later connections use it.
