@@ -127,10 +127,16 @@ fn twenty_agent_processes_share_one_sqlite_file() {
             .collect::<String>()
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while (0..AGENTS).any(|i| !dir.join(format!("node{i}/run/subnet.env")).exists()) {
+    // subnet.env, then the state files (pod-mtu is written just after subnet.env).
+    let written = |i: u8| {
+        ["run/subnet.env", "state/subnet", "state/pod-mtu"]
+            .iter()
+            .all(|f| dir.join(format!("node{i}/{f}")).exists())
+    };
+    while (0..AGENTS).any(|i| !written(i)) {
         assert!(
             Instant::now() < deadline,
-            "not every agent wrote subnet.env within 30 s\n{}",
+            "not every agent wrote subnet.env and its state files within 30 s\n{}",
             logs(&agents)
         );
         for c in &mut agents.children {
