@@ -27,8 +27,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# Bridge-mode Services need bridged IPv4 to pass the IP hooks (br_netfilter), as on any kubeadm
-# node: weftd then keeps net.bridge.bridge-nf-call-iptables on (docs/services.md).
+# Bridge-mode Services need br_netfilter, as on any kubeadm node: weft0 (its own
+# nf_call_iptables) passes bridged IPv4 through the IP hooks only with it (docs/services.md).
 if [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
   modprobe br_netfilter
 fi

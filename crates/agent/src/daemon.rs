@@ -196,36 +196,52 @@ pub async fn acquire<S: Store>(
     Err("could not lease a subnet: every attempt lost a race to another node".into())
 }
 
-/// In bridge mode, pods of one node talk across weft0 at layer 2. A Service connection from one
-/// pod to an endpoint on the same bridge then has its reply bridged past the IP hooks, so its
-/// DNAT is never undone (the client gets an answer from the endpoint's own address, and resets),
-/// unless br_netfilter passes bridged IPv4 through them. Kept on, like ip_forward; returns what
-/// to warn of where it cannot be.
-fn bridge_netfilter(cfg: &Config) -> Option<String> {
-    const KEY: &str = "net.bridge.bridge-nf-call-iptables";
+/// In bridge mode, pods of one node talk across their bridge at layer 2. A Service connection
+/// from one pod to an endpoint on the same bridge then has its reply switched past the IP hooks,
+/// so its DNAT is never undone (the client gets an answer from the endpoint's own address, and
+/// resets), unless the bridge passes bridged IPv4 through them: its own `nf_call_iptables`, with
+/// br_netfilter loaded. Kept on, like ip_forward, for every bridge that has this network's pods as
+/// ports (its name is the CNI conf's); other bridges, and the namespace-wide sysctl, are left as
+/// they are. Returns what to warn of.
+async fn bridge_netfilter(nl: &Netlink, cfg: &Config) -> Option<String> {
     if cfg.mode != "bridge" {
         return None;
     }
-    match weft_net::sysctl::get(KEY) {
-        Err(_) => Some(format!(
-            "{KEY} does not exist: br_netfilter is not loaded, so a pod cannot reach a Service \
-             whose endpoint is on this node's bridge; load it (modprobe br_netfilter, as kubeadm \
-             asks) or wire pods in routed mode (--mode routed)"
-        )),
-        Ok(v) if v == "1" => None,
-        Ok(v) => match weft_net::sysctl::set(KEY, "1") {
-            Ok(()) => {
-                info!(
-                    "{KEY} was {v}; set it to 1: Services between pods of this node's bridge \
-                     need it"
-                );
-                None
-            }
-            Err(e) => Some(format!(
-                "{e}: Services between pods of this node's bridge need it"
-            )),
-        },
+    if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+        return Some(
+            "br_netfilter is not loaded (no /proc/sys/net/bridge), so a pod cannot reach a \
+             Service whose endpoint is on its own bridge; load it (modprobe br_netfilter, as \
+             kubeadm asks) or wire pods in routed mode (--mode routed)"
+                .into(),
+        );
     }
+    let links = match nl.links().await {
+        Ok(l) => l,
+        Err(e) => return Some(format!("listing links to find the pod bridges: {e}")),
+    };
+    let bridges: std::collections::HashSet<u32> = links
+        .iter()
+        .filter(|l| {
+            l.alias
+                .as_deref()
+                .and_then(weft_plugin::names::parse_veth_alias)
+                .is_some_and(|(net, _, _)| net == cfg.network_name)
+        })
+        .filter_map(|l| l.controller)
+        .collect();
+    for b in links.iter().filter(|l| bridges.contains(&l.index)) {
+        if b.bridge_nf_call_iptables == Some(false) {
+            match nl.set_bridge_nf_call_iptables(&b.name, true).await {
+                Ok(()) => info!(
+                    "bridge {} passed bridged IPv4 past the IP hooks; turned nf_call_iptables \
+                     on (Services between its pods need it)",
+                    b.name
+                ),
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+    }
+    None
 }
 
 /// Writes subnet.env; returns the pod MTU it said before, if any.
@@ -571,7 +587,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
             if let Err(e) = weft_net::sysctl::set("net.ipv4.ip_forward", "1") {
                 error!("{e}");
             }
-            match bridge_netfilter(&cfg) {
+            match bridge_netfilter(&nl, &cfg).await {
                 Some(w) if !bridge_nf_warned => {
                     warn!("{w}");
                     bridge_nf_warned = true;

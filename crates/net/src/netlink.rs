@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridge, InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::NeighbourFlags;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
@@ -41,6 +41,9 @@ pub struct Link {
     /// The other end of a veth: its index, and the id of its namespace as this one knows it
     /// (None: the same namespace).
     pub peer: Option<(u32, Option<i32>)>,
+    /// A bridge's `nf_call_iptables`: whether its bridged IPv4 passes the IP hooks (with
+    /// br_netfilter loaded).
+    pub bridge_nf_call_iptables: Option<bool>,
 }
 
 /// What a VXLAN device was made with (the part Weft sets).
@@ -67,6 +70,7 @@ impl Link {
             up: msg.header.flags.contains(LinkFlags::Up),
             vxlan: None,
             peer: None,
+            bridge_nf_call_iptables: None,
         };
         let (mut peer, mut peer_netns) = (None, None);
         for attr in &msg.attributes {
@@ -97,6 +101,12 @@ impl Link {
                                     }
                                 }
                                 link.vxlan = Some(v);
+                            }
+                            LinkInfo::Data(InfoData::Bridge(attrs)) => {
+                                link.bridge_nf_call_iptables = attrs.iter().find_map(|a| match a {
+                                    InfoBridge::NfCallIpTables(on) => Some(*on),
+                                    _ => None,
+                                });
                             }
                             _ => {}
                         }
@@ -225,8 +235,13 @@ impl Netlink {
     /// Creates an up bridge with a fixed MAC. A fixed MAC matters: otherwise the bridge takes the
     /// lowest port MAC, which changes as pods come and go and breaks the pods' ARP entry for the
     /// gateway. Returns false if the bridge already existed.
+    /// Creates an up bridge whose bridged IPv4 passes the IP hooks (`nf_call_iptables`, see
+    /// [`Netlink::set_bridge_nf_call_iptables`]); false if one of that name exists.
     pub async fn add_bridge(&self, name: &str, mac: [u8; 6]) -> Result<bool, Error> {
-        let msg = LinkBridge::new(name).address(mac.to_vec()).up().build();
+        let msg = LinkBridge::new(name)
+            .address(mac.to_vec())
+            .append_info_data(InfoBridge::NfCallIpTables(true))
+            .build();
         benign(
             self.handle.link().add(msg).execute().await,
             || format!("creating bridge {name}"),
@@ -411,6 +426,22 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| Error::netlink(format!("setting {name} up"), e))
+    }
+
+    /// Whether this bridge's bridged IPv4 passes the IP hooks (with br_netfilter loaded). Pods on
+    /// one bridge need it for Services: an endpoint's reply to a client on the same bridge is
+    /// switched, and only there is its DNAT undone. Unlike the namespace-wide sysctl
+    /// `net.bridge.bridge-nf-call-iptables`, it touches no other bridge.
+    pub async fn set_bridge_nf_call_iptables(&self, name: &str, on: bool) -> Result<(), Error> {
+        let msg = LinkMessageBuilder::<LinkBridge>::new(name)
+            .append_info_data(InfoBridge::NfCallIpTables(on))
+            .build();
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(|e| Error::netlink(format!("setting nf_call_iptables of bridge {name}"), e))
     }
 
     /// Sets the MTU of a link of this connection's namespace. (Not of another namespace's by its

@@ -141,6 +141,10 @@ async fn ensure_bridge(host: &Netlink, b: &BridgePlan) -> Result<u32> {
     if !link.up {
         host.set_up(link.index, &b.name).await?;
     }
+    // Services between pods of this bridge (a bridge made by an earlier build lacks it).
+    if link.bridge_nf_call_iptables == Some(false) {
+        host.set_bridge_nf_call_iptables(&b.name, true).await?;
+    }
     host.add_address(link.index, &b.name, b.address.into())
         .await?;
     // Pods' traffic to other nodes and the outside is routed by the host from this bridge.

@@ -77,25 +77,11 @@ fn services_end_to_end() {
     let lab = Lab::new("svc");
     lab.ok(&["up", "--nodes", "3", "--pods", "2", "--backend", "vxlan"]);
     // Bridge mode needs bridged IPv4 through the IP hooks (br_netfilter): the reply of an endpoint
-    // on its client's own bridge is un-DNATed only there. Turned off by hand, node1's agent turns
-    // it back on within a resync; the 300 connections below from n1p2, a third of them to n1p1 on
-    // the same bridge, fail without it.
-    let bridge_nf = || {
-        let out = lab.run(&[
-            "exec",
-            "node1",
-            "--",
-            "sysctl",
-            "-n",
-            "net.bridge.bridge-nf-call-iptables",
-        ]);
-        assert!(
-            out.status.success(),
-            "this test needs br_netfilter (modprobe br_netfilter; scripts/install-deps.sh does)"
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    lab.ok(&[
+    // on its client's own bridge is un-DNATed only there. weft0's own nf_call_iptables does it,
+    // leaving the namespace-wide sysctl (every other bridge's) alone. Both turned off by hand:
+    // node1's agent turns weft0's back on within a resync and leaves the sysctl off; the 300
+    // connections below from n1p2, a third of them to n1p1 on the same bridge, fail without it.
+    let sysctl = lab.run(&[
         "exec",
         "node1",
         "--",
@@ -103,11 +89,48 @@ fn services_end_to_end() {
         "-w",
         "net.bridge.bridge-nf-call-iptables=0",
     ]);
-    assert_eq!(bridge_nf(), "0");
+    assert!(
+        sysctl.status.success(),
+        "this test needs br_netfilter (modprobe br_netfilter; scripts/install-deps.sh does)"
+    );
+    let bridge_nf = || {
+        lab.ip("node1", &["-d", "link", "show", "weft0"])
+            .contains("nf_call_iptables 1 ")
+    };
+    assert!(
+        bridge_nf(),
+        "the plugin made weft0 with nf_call_iptables on"
+    );
+    lab.ip(
+        "node1",
+        &[
+            "link",
+            "set",
+            "weft0",
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+        ],
+    );
+    assert!(!bridge_nf());
     wait_for(
-        "node1's agent to turn bridged IPv4 through the IP hooks back on",
+        "node1's agent to turn weft0's nf_call_iptables back on",
         Duration::from_secs(12),
-        || bridge_nf() == "1",
+        bridge_nf,
+    );
+    let ns_wide = lab.ok(&[
+        "exec",
+        "node1",
+        "--",
+        "sysctl",
+        "-n",
+        "net.bridge.bridge-nf-call-iptables",
+    ]);
+    assert_eq!(
+        ns_wide.trim(),
+        "0",
+        "the namespace-wide setting is left alone"
     );
     let ip = |p: &str| pod_ip(&lab, p);
     let (n1p1, n2p1, n3p1, n2p2) = (ip("n1p1"), ip("n2p1"), ip("n3p1"), ip("n2p2"));
