@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use tracing::{info, warn};
 use weft_net::{Link, Netlink, Netns};
 
@@ -34,16 +35,28 @@ fn record(cfg: &Config, mtu: u32) {
 /// subnet.env said before this start, for a state dir without the record (a node upgraded to
 /// this build, say). A fresh node has neither and nothing to move.
 pub async fn settle(nl: &Netlink, cfg: &Config, now: u32, before: Option<u32>) {
+    // An ADD that read subnet.env's old MTU just before it was rewritten can make its veth after
+    // the move listed the links: one more pass, at the next resync, moves it.
+    let straggler = STRAGGLERS.lock().expect("not poisoned").take();
+    if let Some((old, new)) = straggler.filter(|(_, new)| *new == now) {
+        follow(nl, &cfg.network_name, old, new).await;
+    }
     match recorded(cfg).or(before) {
         Some(old) if old == now => {}
         Some(old) => {
-            if follow(nl, &cfg.network_name, old, now).await {
+            if let Some(moved) = follow(nl, &cfg.network_name, old, now).await {
                 record(cfg, now);
+                if moved > 0 {
+                    *STRAGGLERS.lock().expect("not poisoned") = Some((old, now));
+                }
             }
         }
         None => record(cfg, now),
     }
 }
+
+/// A move done at the last pass, (old, new), to look over once more.
+static STRAGGLERS: std::sync::Mutex<Option<(u32, u32)>> = std::sync::Mutex::new(None);
 
 /// What became of one pod.
 enum Outcome {
@@ -54,15 +67,20 @@ enum Outcome {
     Failed,
 }
 
+/// The new MTU for which the veths without an alias were named, so that the warning is given
+/// once per change, not at every pass.
+static UNMARKED_WARNED: AtomicU32 = AtomicU32::new(0);
+
 /// Moves the pods of `network` whose veth has MTU `old` to `new`, both ends. A pod with another
-/// MTU was given its own by its CNI conf, and keeps it. Returns whether every pod was settled
-/// (moved, or left for good); errors are logged per pod.
-async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> bool {
+/// MTU was given its own by its CNI conf, and keeps it. Returns how many moved if every pod was
+/// settled (moved, or left for good), None if one is to be tried again; errors are logged per
+/// pod.
+async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> Option<usize> {
     let links = match nl.links().await {
         Ok(l) => l,
         Err(e) => {
             warn!("listing the pods' veths to move them to MTU {new}: {e}");
-            return false;
+            return None;
         }
     };
     // Made by a build that did not set the alias (see cni.md): not known to be this network's.
@@ -75,9 +93,10 @@ async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> bool {
                 && l.name.starts_with(weft_plugin::names::VETH_PREFIX)
         })
         .count();
-    if unmarked > 0 {
+    if unmarked > 0 && UNMARKED_WARNED.swap(new, Ordering::Relaxed) != new {
         warn!(
-            "{unmarked} veths named {}… at MTU {old} carry no alias (made by an earlier build);              they keep MTU {old} until their pods are made again",
+            "{unmarked} veths named {}… at MTU {old} carry no alias (made by an earlier build); \
+             they keep MTU {old} until their pods are made again",
             weft_plugin::names::VETH_PREFIX
         );
     }
@@ -101,14 +120,14 @@ async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> bool {
         Ok(n) => n,
         Err(e) => {
             warn!("finding the pods' namespaces to move them to MTU {new}: {e}");
-            return false;
+            return None;
         }
     };
     let home = match Netns::current() {
         Ok(h) => h,
         Err(e) => {
             warn!("{e}");
-            return false;
+            return None;
         }
     };
     let (mut moved, mut settled) = (0, true);
@@ -133,7 +152,7 @@ async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> bool {
     if moved > 0 {
         info!("moved {moved} pods from MTU {old} to the node's new {new}");
     }
-    settled
+    settled.then_some(moved)
 }
 
 /// Both ends of one pod's veth to `new`: the pod's end first, then the host's. If the host's

@@ -175,6 +175,23 @@ fn store(wc: &WeftConf) -> Result<Store, CniError> {
 
 fn add(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<Value, CniError> {
     let att = attachment(env)?;
+    // Refused before anything is allocated: the kernel would refuse the alias only once the veth
+    // exists.
+    let alias = names::veth_alias(&wc.name, &att.container_id, &att.ifname);
+    if alias.len() > names::MAX_ALIAS {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "name ({} bytes) with CNI_CONTAINERID ({} bytes) and CNI_IFNAME make the host \
+                 veth's alias weft/<name>/<container id>/<ifname> {} bytes, over the kernel's {}: \
+                 use a shorter network name",
+                wc.name.len(),
+                att.container_id.len(),
+                alias.len(),
+                names::MAX_ALIAS
+            ),
+        ));
+    }
     let pod_ns = open_netns(env)?;
     let net = wc.network()?;
     let pool = Pool::new(net.subnet, net.gateway).map_err(|e| ipam_error(e, None))?;

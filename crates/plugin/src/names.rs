@@ -25,6 +25,10 @@ pub fn veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
     format!("weft/{network}/{container_id}/{ifname}")
 }
 
+/// The longest alias the kernel keeps (IFALIASZ 256, less the NUL sent with it, less one: it
+/// refuses, never truncates).
+pub const MAX_ALIAS: usize = 254;
+
 /// Parses an alias made by `veth_alias`: (network, container id, ifname).
 pub fn parse_veth_alias(alias: &str) -> Option<(&str, &str, &str)> {
     let mut parts = alias.strip_prefix("weft/")?.splitn(3, '/');

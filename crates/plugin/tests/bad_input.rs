@@ -129,6 +129,29 @@ fn bad_conf_and_env_leave_nothing_behind() {
         "name",
     );
 
+    // A network name so long that the host veth's alias would be over the kernel's 254 bytes
+    // (weft/<name>/<container id>/<ifname>, here 12 bytes besides the name): refused before any
+    // address is taken. At exactly 254 it works.
+    let mut c = base.clone();
+    c["name"] = json!("n".repeat(243));
+    expect(
+        node.add(&c, &pod, "b").unwrap_err(),
+        code::INVALID_CONFIG,
+        "255 bytes, over the kernel's 254",
+    );
+    assert!(!node.data_dir().join("n".repeat(243)).exists());
+    let mut c = base.clone();
+    c["name"] = json!("n".repeat(242));
+    let r = node.add(&c, &pod, "b").expect("an alias of 254 bytes");
+    let veth = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let shown = node.host.ip(&["link", "show", &veth]);
+    assert!(
+        shown.contains(&format!("alias weft/{}/b/eth0", "n".repeat(242))),
+        "{shown}"
+    );
+    node.del(&c, &pod, "b").unwrap();
+    node.wait_no_veths();
+
     // Missing CNI_NETNS on ADD.
     let mut r = rt(&pod, "b");
     r.netns = Default::default();
