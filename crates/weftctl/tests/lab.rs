@@ -260,12 +260,12 @@ fn jumbo_underlay_vxlan() {
         "the tunnel was not made again"
     );
     assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
-    let log =
-        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
-    assert!(
-        log.contains("moved 1 pods from MTU 8950 to the node's new 1450"),
-        "{log}"
-    );
+    let logged = |want: &str| {
+        let log =
+            std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+        assert!(log.contains(want), "node1's log lacks {want:?}:\n{log}");
+    };
+    logged("moved 1 pods from MTU 8950 to the node's new 1450");
     // node2 and its pod keep theirs.
     assert_eq!(mtus("n2p1", "node2"), ("8950".into(), "8950".into()));
     // The largest packet that fits now crosses, both ways; one more is refused (at n1p1 itself,
@@ -297,12 +297,7 @@ fn jumbo_underlay_vxlan() {
         Duration::from_secs(12),
         || mtus("n1p1", "node1") == ("8950".into(), "8950".into()) && vxlan_mtu("node1") == "8950",
     );
-    let log =
-        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
-    assert!(
-        log.contains("moved 1 pods from MTU 1450 to the node's new 8950"),
-        "{log}"
-    );
+    logged("moved 1 pods from MTU 1450 to the node's new 8950");
     assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
     // weft0 takes its smallest port's MTU: the pinned pod's 4000 caps what node1 routes to its
     // pods. Without it, 8922 bytes cross both ways again.
