@@ -506,6 +506,14 @@ fn node_leave_and_lease_expiry() {
         out.contains("restart these nodes to take the new settings: node"),
         "{out}"
     );
+    // lab status tells the cluster's settings from what each node runs.
+    let status = lab.ok(&["status"]);
+    assert!(
+        status.contains(": backend vxlan, cluster CIDR 10.244.0.0/16,"),
+        "{status}"
+    );
+    let node1 = status.lines().find(|l| l.starts_with("node1 ")).unwrap();
+    assert_eq!(node1.split_whitespace().nth(3), Some("host-gw"), "{status}");
     let record2 = format!("/weft/leases/{}", s2.replace('/', "-"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

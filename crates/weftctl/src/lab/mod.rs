@@ -835,9 +835,29 @@ impl Lab {
 
     fn status(&self) -> Result<i32> {
         let s = self.load()?;
+        // The cluster's settings as recorded now (`weftctl network set` may have changed them
+        // since `up`); the lab's own if the store cannot be read.
+        let recorded = objects::session(&s, |db| {
+            db.run(async |store| {
+                weft_store::Store::get(store, weft_agent::network::NETWORK_KEY).await
+            })
+            .map_err(|e| e.to_string())
+        })
+        .ok()
+        .flatten()
+        .and_then(|kv| {
+            serde_json::from_slice::<weft_agent::network::NetworkConfig>(&kv.value).ok()
+        });
+        let (backend, cidr) = match &recorded {
+            Some(c) => (c.backend.as_str().to_string(), c.cluster_cidr.to_string()),
+            None => (
+                s.backend.clone(),
+                s.cluster_cidr.clone().unwrap_or_default(),
+            ),
+        };
         println!(
-            "lab {}: backend {}, store {} ({}), pods wired in {} mode",
-            self.name, s.backend, s.store, s.store_url, s.mode
+            "lab {}: backend {backend}, cluster CIDR {cidr}, store {} ({}), pods wired in {} mode",
+            self.name, s.store, s.store_url, s.mode
         );
         println!();
         // Each node's backend as its lease says (after `weftctl network set`, a node not yet
