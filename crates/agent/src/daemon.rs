@@ -221,12 +221,7 @@ async fn bridge_netfilter(nl: &Netlink, cfg: &Config) -> Option<String> {
     };
     let bridges: std::collections::HashSet<u32> = links
         .iter()
-        .filter(|l| {
-            l.alias
-                .as_deref()
-                .and_then(weft_plugin::names::parse_veth_alias)
-                .is_some_and(|(net, _, _)| net == cfg.network_name)
-        })
+        .filter(|l| weft_plugin::names::is_network_veth(l.alias.as_deref(), &cfg.network_name))
         .filter_map(|l| l.controller)
         .collect();
     for b in links.iter().filter(|l| bridges.contains(&l.index)) {
@@ -500,7 +495,10 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
     );
     let before = write_subnet_env(&cfg, &lease, &underlay)?;
     // The underlay's MTU or the backend may have changed while the agent was away.
-    crate::pod_mtu::settle(&nl, &cfg, cfg.backend.pod_mtu(underlay.mtu), before).await;
+    let mut pod_mtu = crate::pod_mtu::Follower::default();
+    pod_mtu
+        .settle(&nl, &cfg, cfg.backend.pod_mtu(underlay.mtu), before)
+        .await;
     weft_net::sysctl::set("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
 
     let (lease_tx, mut lease_rx) = watch::channel(lease);
@@ -604,7 +602,9 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
                 *seen_underlay.lock().expect("not poisoned") = underlay.clone();
             }
             // Pods follow a new MTU; a move that failed part way is tried again here.
-            crate::pod_mtu::settle(&nl, &cfg, cfg.backend.pod_mtu(underlay.mtu), None).await;
+            pod_mtu
+                .settle(&nl, &cfg, cfg.backend.pod_mtu(underlay.mtu), None)
+                .await;
         }
         // The lease says where peers reach this node. The lease keeper may have leased again
         // with the underlay it knew when it started, so this is checked on every pass.

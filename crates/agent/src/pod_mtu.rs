@@ -3,7 +3,6 @@
 
 use crate::config::Config;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
 use tracing::{info, warn};
 use weft_net::{Link, Netlink, Netns};
 
@@ -30,33 +29,118 @@ fn record(cfg: &Config, mtu: u32) {
     }
 }
 
-/// Brings the running pods to `now`, the MTU that subnet.env gives new pods, if they were left
-/// at another. Runs at start and at every resync; cheap when nothing changed. `before` is what
-/// subnet.env said before this start, for a state dir without the record (a node upgraded to
-/// this build, say). A fresh node has neither and nothing to move.
-pub async fn settle(nl: &Netlink, cfg: &Config, now: u32, before: Option<u32>) {
-    // An ADD that read subnet.env's old MTU just before it was rewritten can make its veth after
-    // the move listed the links: one more pass, at the next resync, moves it.
-    let straggler = STRAGGLERS.lock().expect("not poisoned").take();
-    if let Some((old, new)) = straggler.filter(|(_, new)| *new == now) {
-        follow(nl, &cfg.network_name, old, new).await;
-    }
-    match recorded(cfg).or(before) {
-        Some(old) if old == now => {}
-        Some(old) => {
-            if let Some(moved) = follow(nl, &cfg.network_name, old, now).await {
-                record(cfg, now);
-                if moved > 0 {
-                    *STRAGGLERS.lock().expect("not poisoned") = Some((old, now));
-                }
-            }
-        }
-        None => record(cfg, now),
-    }
+/// What the agent's loop keeps between passes.
+#[derive(Default)]
+pub struct Follower {
+    /// A move done at the last pass, (old, new), to look over once more.
+    straggler: Option<(u32, u32)>,
+    /// The new MTU for which the veths without an alias were named: once per change.
+    unmarked_warned: u32,
 }
 
-/// A move done at the last pass, (old, new), to look over once more.
-static STRAGGLERS: std::sync::Mutex<Option<(u32, u32)>> = std::sync::Mutex::new(None);
+impl Follower {
+    /// Brings the running pods to `now`, the MTU that subnet.env gives new pods, if they were
+    /// left at another. Runs at start and at every resync; cheap when nothing changed. `before`
+    /// is what subnet.env said before this start, for a state dir without the record (a node
+    /// upgraded to this build, say). A fresh node has neither and nothing to move.
+    pub async fn settle(&mut self, nl: &Netlink, cfg: &Config, now: u32, before: Option<u32>) {
+        // An ADD that read subnet.env's old MTU just before it was rewritten can make its veth
+        // after the move listed the links: one more pass, at the next resync, moves it.
+        if let Some((old, new)) = self.straggler.take().filter(|(_, new)| *new == now) {
+            self.follow(nl, &cfg.network_name, old, new).await;
+        }
+        match recorded(cfg).or(before) {
+            Some(old) if old == now => {}
+            Some(old) => {
+                if let Some(moved) = self.follow(nl, &cfg.network_name, old, now).await {
+                    record(cfg, now);
+                    self.straggler = (moved > 0).then_some((old, now));
+                }
+            }
+            None => record(cfg, now),
+        }
+    }
+
+    /// Moves the pods of `network` whose veth has MTU `old` to `new`, both ends. A pod with
+    /// another MTU was given its own by its CNI conf, and keeps it. Returns how many moved if
+    /// every pod was settled (moved, or left for good), None if one is to be tried again; errors
+    /// are logged per pod.
+    async fn follow(&mut self, nl: &Netlink, network: &str, old: u32, new: u32) -> Option<usize> {
+        let links = match nl.links().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("listing the pods' veths to move them to MTU {new}: {e}");
+                return None;
+            }
+        };
+        // Made by a build that did not set the alias (see cni.md): not known to be this network's.
+        let unmarked = links
+            .iter()
+            .filter(|l| {
+                l.mtu == old
+                    && l.alias.is_none()
+                    && l.kind.as_deref() == Some("veth")
+                    && l.name.starts_with(weft_plugin::names::VETH_PREFIX)
+            })
+            .count();
+        if unmarked > 0 && std::mem::replace(&mut self.unmarked_warned, new) != new {
+            warn!(
+            "{unmarked} veths named {}… at MTU {old} carry no alias (made by an earlier build); \
+             they keep MTU {old} until their pods are made again",
+            weft_plugin::names::VETH_PREFIX
+        );
+        }
+        // Host ends of this network's pods at the old MTU, with their pod end: (index, namespace id).
+        let pods: Vec<(Link, u32, i32)> = links
+            .into_iter()
+            .filter(|l| {
+                l.mtu == old && weft_plugin::names::is_network_veth(l.alias.as_deref(), network)
+            })
+            .filter_map(|l| match l.peer {
+                Some((peer, Some(id))) => Some((l, peer, id)),
+                _ => None,
+            })
+            .collect();
+        let ids: HashSet<i32> = pods.iter().map(|(_, _, id)| *id).collect();
+        let namespaces = match nl.netns_by_ids(&ids).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("finding the pods' namespaces to move them to MTU {new}: {e}");
+                return None;
+            }
+        };
+        let home = match Netns::current() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!("{e}");
+                return None;
+            }
+        };
+        let (mut moved, mut settled) = (0, true);
+        for (host, peer, id) in pods {
+            let outcome = match namespaces.get(&id) {
+                None => {
+                    warn!(
+                        "{}: its pod's namespace (id {id}) is neither in /run/netns nor any \
+                     process's; it keeps MTU {old}",
+                        host.name
+                    );
+                    Outcome::Skipped
+                }
+                Some(ns) => move_pod(nl, &home, ns, &host, peer, old, new).await,
+            };
+            match outcome {
+                Outcome::Moved => moved += 1,
+                Outcome::Skipped => {}
+                Outcome::Failed => settled = false,
+            }
+        }
+        if moved > 0 {
+            info!("moved {moved} pods from MTU {old} to the node's new {new}");
+        }
+        settled.then_some(moved)
+    }
+}
 
 /// What became of one pod.
 enum Outcome {
@@ -65,94 +149,6 @@ enum Outcome {
     Skipped,
     /// To be tried again at the next resync.
     Failed,
-}
-
-/// The new MTU for which the veths without an alias were named, so that the warning is given
-/// once per change, not at every pass.
-static UNMARKED_WARNED: AtomicU32 = AtomicU32::new(0);
-
-/// Moves the pods of `network` whose veth has MTU `old` to `new`, both ends. A pod with another
-/// MTU was given its own by its CNI conf, and keeps it. Returns how many moved if every pod was
-/// settled (moved, or left for good), None if one is to be tried again; errors are logged per
-/// pod.
-async fn follow(nl: &Netlink, network: &str, old: u32, new: u32) -> Option<usize> {
-    let links = match nl.links().await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("listing the pods' veths to move them to MTU {new}: {e}");
-            return None;
-        }
-    };
-    // Made by a build that did not set the alias (see cni.md): not known to be this network's.
-    let unmarked = links
-        .iter()
-        .filter(|l| {
-            l.mtu == old
-                && l.alias.is_none()
-                && l.kind.as_deref() == Some("veth")
-                && l.name.starts_with(weft_plugin::names::VETH_PREFIX)
-        })
-        .count();
-    if unmarked > 0 && UNMARKED_WARNED.swap(new, Ordering::Relaxed) != new {
-        warn!(
-            "{unmarked} veths named {}… at MTU {old} carry no alias (made by an earlier build); \
-             they keep MTU {old} until their pods are made again",
-            weft_plugin::names::VETH_PREFIX
-        );
-    }
-    // Host ends of this network's pods at the old MTU, with their pod end: (index, namespace id).
-    let pods: Vec<(Link, u32, i32)> = links
-        .into_iter()
-        .filter(|l| {
-            l.mtu == old
-                && l.alias
-                    .as_deref()
-                    .and_then(weft_plugin::names::parse_veth_alias)
-                    .is_some_and(|(net, _, _)| net == network)
-        })
-        .filter_map(|l| match l.peer {
-            Some((peer, Some(id))) => Some((l, peer, id)),
-            _ => None,
-        })
-        .collect();
-    let ids: HashSet<i32> = pods.iter().map(|(_, _, id)| *id).collect();
-    let namespaces = match nl.netns_by_ids(&ids).await {
-        Ok(n) => n,
-        Err(e) => {
-            warn!("finding the pods' namespaces to move them to MTU {new}: {e}");
-            return None;
-        }
-    };
-    let home = match Netns::current() {
-        Ok(h) => h,
-        Err(e) => {
-            warn!("{e}");
-            return None;
-        }
-    };
-    let (mut moved, mut settled) = (0, true);
-    for (host, peer, id) in pods {
-        let outcome = match namespaces.get(&id) {
-            None => {
-                warn!(
-                    "{}: its pod's namespace (id {id}) is neither in /run/netns nor any \
-                     process's; it keeps MTU {old}",
-                    host.name
-                );
-                Outcome::Skipped
-            }
-            Some(ns) => move_pod(nl, &home, ns, &host, peer, old, new).await,
-        };
-        match outcome {
-            Outcome::Moved => moved += 1,
-            Outcome::Skipped => {}
-            Outcome::Failed => settled = false,
-        }
-    }
-    if moved > 0 {
-        info!("moved {moved} pods from MTU {old} to the node's new {new}");
-    }
-    settled.then_some(moved)
 }
 
 /// Both ends of one pod's veth to `new`: the pod's end first, then the host's. If the host's

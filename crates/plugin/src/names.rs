@@ -29,6 +29,13 @@ pub fn veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
 /// refuses, never truncates).
 pub const MAX_ALIAS: usize = 254;
 
+/// Whether a link with this alias is a host veth of `network`'s pods.
+pub fn is_network_veth(alias: Option<&str>, network: &str) -> bool {
+    alias
+        .and_then(parse_veth_alias)
+        .is_some_and(|(net, _, _)| net == network)
+}
+
 /// Parses an alias made by `veth_alias`: (network, container id, ifname).
 pub fn parse_veth_alias(alias: &str) -> Option<(&str, &str, &str)> {
     let mut parts = alias.strip_prefix("weft/")?.splitn(3, '/');
