@@ -835,17 +835,24 @@ impl Lab {
 
     fn status(&self) -> Result<i32> {
         let s = self.load()?;
-        // The cluster's settings as recorded now (`weftctl network set` may have changed them
-        // since `up`); the lab's own if the store cannot be read.
-        let recorded = objects::session(&s, |db| {
+        // One read of the store: the cluster's settings as recorded now (`weftctl network set`
+        // may have changed them since `up`), the leases (each node's backend: one not yet
+        // restarted runs the old one), and the agents' events.
+        let read = objects::session(&s, |db| {
             db.run(async |store| {
-                weft_store::Store::get(store, weft_agent::network::NETWORK_KEY).await
+                use weft_store::Store;
+                let record = store.get(weft_agent::network::NETWORK_KEY).await?;
+                let leases = weft_agent::lease::leases(store).await?;
+                let (events, _) = store.list(weft_agent::events::EVENT_PREFIX).await?;
+                Ok((record, leases, events))
             })
-            .map_err(|e| e.to_string())
-        })
-        .ok()
-        .flatten()
-        .and_then(|kv| {
+            .map_err(|e: weft_store::Error| e.to_string())
+        });
+        let (record, leases, events) = match read {
+            Ok((r, l, e)) => (r, l, Ok(e)),
+            Err(e) => (None, Vec::new(), Err(e)),
+        };
+        let recorded = record.and_then(|kv| {
             serde_json::from_slice::<weft_agent::network::NetworkConfig>(&kv.value).ok()
         });
         let (backend, cidr) = match &recorded {
@@ -860,13 +867,7 @@ impl Lab {
             self.name, s.store, s.store_url, s.mode
         );
         println!();
-        // Each node's backend as its lease says (after `weftctl network set`, a node not yet
-        // restarted runs the old one); `-` without a lease.
-        let leases = objects::session(&s, |db| {
-            db.run(async |store| weft_agent::lease::leases(store).await)
-                .map_err(|e| e.to_string())
-        })
-        .unwrap_or_default();
+        // `-`: no lease.
         println!("NODE     UNDERLAY-IP    SUBNET           BACKEND        AGENT-PID");
         for n in &s.nodes {
             let subnet = weft_plugin_subnet(&n.dir).unwrap_or_else(|| "-".into());
@@ -890,11 +891,11 @@ impl Lab {
         }
         // What the agents report as keeping a peer out of reach (events.rs in weftd).
         println!();
-        match objects::session(&s, |db| db.list(weft_agent::events::EVENT_PREFIX)) {
+        match events {
             Ok(events) => {
                 let warnings: Vec<k8s_openapi::api::core::v1::Event> = events
                     .iter()
-                    .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+                    .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
                     .filter(|e: &k8s_openapi::api::core::v1::Event| {
                         e.source.as_ref().and_then(|s| s.component.as_deref())
                             == Some(weft_agent::events::COMPONENT)
