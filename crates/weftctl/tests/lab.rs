@@ -9,6 +9,7 @@ use common::*;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use weft_store::Store;
 
 fn all_connect(backend: &str, extra: &[&str], tag: &str) {
     all_connect_then(backend, extra, tag, |_| {})
@@ -370,6 +371,18 @@ fn host_gw_names_peers_it_cannot_reach() {
     );
 }
 
+/// `f` on the lab's store, from this (the root) namespace: SQLite labs only.
+fn on_store<T>(url: &str, f: impl AsyncFnOnce(&weft_store::AnyStore) -> T) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let db = weft_store::AnyStore::open(url).await.unwrap();
+            f(&db).await
+        })
+}
+
 /// `weftctl node leave`: a running agent leaves when asked (releases its lease, removes its routes
 /// and table, exits); for a node whose agent is dead, weftctl releases the lease itself. A node
 /// whose agent dies without leaving is dropped by its peers when its lease expires.
@@ -411,14 +424,9 @@ fn node_leave_and_lease_expiry() {
     assert!(lab
         .ip("node1", &["route", "show", &s3])
         .contains("proto 202"));
+    let lease_record = |subnet: &str| weft_agent::lease::lease_key(subnet.parse().unwrap());
     let store_key = |key: &str, delete: bool| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            use weft_store::Store;
-            let db = weft_store::AnyStore::open(&store).await.unwrap();
+        on_store(&store, async |db| {
             if delete {
                 assert!(db.delete(key).await.unwrap(), "{key} was there");
             }
@@ -514,14 +522,8 @@ fn node_leave_and_lease_expiry() {
     );
     let node1 = status.lines().find(|l| l.starts_with("node1 ")).unwrap();
     assert_eq!(node1.split_whitespace().nth(3), Some("host-gw"), "{status}");
-    let record2 = format!("/weft/leases/{}", s2.replace('/', "-"));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use weft_store::Store;
-        let db = weft_store::AnyStore::open(&store).await.unwrap();
+    let record2 = lease_record(&s2);
+    on_store(&store, async |db| {
         let kv = db.get(&record2).await.unwrap().expect("node2's record");
         db.revoke(kv.lease.expect("on a store lease"))
             .await
@@ -546,7 +548,7 @@ fn node_leave_and_lease_expiry() {
     set(&["--backend", "host-gw"]);
 
     // node1's lease record deleted by hand: its agent puts it back, and the peers route to it again.
-    let record1 = format!("/weft/leases/{}", s1.replace('/', "-"));
+    let record1 = lease_record(&s1);
     store_key(&record1, true);
     wait_for(
         "node1's lease record to be back",
