@@ -411,21 +411,25 @@ impl Netlink {
         // The kernel ignores an alias in the message that creates a link: it is set after.
         if let Some(alias) = spec.alias {
             let msg = LinkUnspec::new_with_name(spec.name).alias(alias).build();
-            self.handle.link().set(msg).execute().await.map_err(|e| {
-                Error::netlink(format!("setting the alias of veth {}", spec.name), e)
-            })?;
+            self.set_link(msg, || format!("setting the alias of veth {}", spec.name))
+                .await?;
         }
         Ok(())
     }
 
-    pub async fn set_up(&self, index: u32, name: &str) -> Result<(), Error> {
-        let msg = LinkUnspec::new_with_index(index).up().build();
+    /// RTM_SETLINK with `msg`; `op` says what it was for when it fails.
+    async fn set_link(&self, msg: LinkMessage, op: impl FnOnce() -> String) -> Result<(), Error> {
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(|e| Error::netlink(format!("setting {name} up"), e))
+            .map_err(|e| Error::netlink(op(), e))
+    }
+
+    pub async fn set_up(&self, index: u32, name: &str) -> Result<(), Error> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.set_link(msg, || format!("setting {name} up")).await
     }
 
     /// Whether this bridge's bridged IPv4 passes the IP hooks (with br_netfilter loaded). Pods on
@@ -448,12 +452,8 @@ impl Netlink {
     /// id: in RTM_SETLINK a target namespace id means "move the link there".)
     pub async fn set_mtu(&self, index: u32, what: &str, mtu: u32) -> Result<(), Error> {
         let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        self.set_link(msg, || format!("setting the MTU of {what} to {mtu}"))
             .await
-            .map_err(|e| Error::netlink(format!("setting the MTU of {what} to {mtu}"), e))
     }
 
     /// The id by which this connection's namespace knows `ns` (as in [`Link::peer`]), or None if
@@ -545,12 +545,7 @@ impl Netlink {
     /// routes through it go with it.
     pub async fn set_down(&self, index: u32, name: &str) -> Result<(), Error> {
         let msg = LinkUnspec::new_with_index(index).down().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|e| Error::netlink(format!("setting {name} down"), e))
+        self.set_link(msg, || format!("setting {name} down")).await
     }
 
     /// Deletes the link with this index (indexes are handed out cyclically, so unlike a name an
