@@ -207,9 +207,14 @@ async fn bridge_netfilter(nl: &Netlink, cfg: &Config) -> Option<String> {
     if cfg.mode != "bridge" {
         return None;
     }
-    if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+    // Its sysctls are in every namespace since Linux 5.3, only in the host's before; the module's
+    // directory is in every namespace's /sys (but absent when it is built in).
+    let loaded = ["/proc/sys/net/bridge", "/sys/module/br_netfilter"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !loaded {
         return Some(
-            "br_netfilter is not loaded (no /proc/sys/net/bridge), so a pod cannot reach a \
+            "br_netfilter is not loaded (no /proc/sys/net/bridge, no /sys/module/br_netfilter), so a pod cannot reach a \
              Service whose endpoint is on its own bridge; load it (modprobe br_netfilter, as \
              kubeadm asks) or wire pods in routed mode (--mode routed)"
                 .into(),

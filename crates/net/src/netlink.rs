@@ -232,11 +232,10 @@ impl Netlink {
         Ok(msgs.iter().map(Link::from_message).collect())
     }
 
-    /// Creates an up bridge with a fixed MAC. A fixed MAC matters: otherwise the bridge takes the
-    /// lowest port MAC, which changes as pods come and go and breaks the pods' ARP entry for the
-    /// gateway. Returns false if the bridge already existed.
-    /// Creates an up bridge whose bridged IPv4 passes the IP hooks (`nf_call_iptables`, see
-    /// [`Netlink::set_bridge_nf_call_iptables`]); false if one of that name exists.
+    /// Creates a bridge (down) with a fixed MAC, whose bridged IPv4 passes the IP hooks
+    /// (`nf_call_iptables`, see [`Netlink::set_bridge_nf_call_iptables`]). A fixed MAC matters:
+    /// otherwise the bridge takes the lowest port MAC, which changes as pods come and go and
+    /// breaks the pods' ARP entry for the gateway. Returns false if the bridge already existed.
     pub async fn add_bridge(&self, name: &str, mac: [u8; 6]) -> Result<bool, Error> {
         let msg = LinkBridge::new(name)
             .address(mac.to_vec())
@@ -454,6 +453,19 @@ impl Netlink {
         let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
         self.set_link(msg, || format!("setting the MTU of {what} to {mtu}"))
             .await
+    }
+
+    /// Sets a bridge's MTU and fixes it there. A bridge otherwise takes its smallest port's MTU,
+    /// so one pod given a smaller MTU would lower what the node routes to every pod on it. The
+    /// kernel stops adjusting a bridge once RTM_SETLINK changes its MTU, not when the MTU is given
+    /// at creation nor when it is set to the value it has; so a bridge already at `mtu` goes one
+    /// lower first, for a moment (meant for a bridge that carries no traffic yet, or to `mtu`
+    /// from another).
+    pub async fn pin_bridge_mtu(&self, bridge: &Link, mtu: u32) -> Result<(), Error> {
+        if bridge.mtu == mtu {
+            self.set_mtu(bridge.index, &bridge.name, mtu - 1).await?;
+        }
+        self.set_mtu(bridge.index, &bridge.name, mtu).await
     }
 
     /// The id by which this connection's namespace knows `ns` (as in [`Link::peer`]), or None if
