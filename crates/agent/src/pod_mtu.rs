@@ -61,9 +61,8 @@ impl Follower {
         }
     }
 
-    /// Moves the pods of `network` whose veth has MTU `old` to `new`, both ends, and then the
-    /// bridges that hold them if at `old`. A pod with another MTU was given its own by its CNI
-    /// conf, and keeps it. Returns how many moved if
+    /// Moves the pods of `network` whose veth has MTU `old` to `new`, both ends. A pod with
+    /// another MTU was given its own by its CNI conf, and keeps it. Returns how many moved if
     /// every pod was settled (moved, or left for good), None if one is to be tried again; errors
     /// are logged per pod.
     async fn follow(&mut self, nl: &Netlink, network: &str, old: u32, new: u32) -> Option<usize> {
@@ -91,18 +90,6 @@ impl Follower {
             weft_plugin::names::VETH_PREFIX
         );
         }
-        // The bridges that hold this network's pods (bridge mode), at the old MTU. Their MTU is
-        // fixed (the plugin's ensure_bridge), so they move with the pods.
-        let ports: HashSet<u32> = links
-            .iter()
-            .filter(|l| weft_plugin::names::is_network_veth(l.alias.as_deref(), network))
-            .filter_map(|l| l.controller)
-            .collect();
-        let bridges: Vec<Link> = links
-            .iter()
-            .filter(|l| ports.contains(&l.index) && l.mtu == old)
-            .cloned()
-            .collect();
         // Host ends of this network's pods at the old MTU, with their pod end: (index, namespace id).
         let pods: Vec<(Link, u32, i32)> = links
             .into_iter()
@@ -150,22 +137,6 @@ impl Follower {
         }
         if moved > 0 {
             info!("moved {moved} pods from MTU {old} to the node's new {new}");
-        }
-        for b in bridges {
-            // Read again: a bridge made by an earlier build follows its ports by itself, and may
-            // be at `new` already without being fixed there.
-            let pinned = match nl.link_by_index(b.index).await {
-                Ok(Some(now)) => nl.pin_bridge_mtu(&now, new).await,
-                Ok(None) => continue,
-                Err(e) => Err(e),
-            };
-            match pinned {
-                Ok(()) => info!("moved bridge {} from MTU {old} to {new}", b.name),
-                Err(e) => {
-                    warn!("{e}");
-                    settled = false;
-                }
-            }
         }
         settled.then_some(moved)
     }

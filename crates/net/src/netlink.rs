@@ -455,19 +455,6 @@ impl Netlink {
             .await
     }
 
-    /// Sets a bridge's MTU and fixes it there. A bridge otherwise takes its smallest port's MTU,
-    /// so one pod given a smaller MTU would lower what the node routes to every pod on it. The
-    /// kernel stops adjusting a bridge once RTM_SETLINK changes its MTU, not when the MTU is given
-    /// at creation nor when it is set to the value it has; so a bridge already at `mtu` goes one
-    /// lower first, for a moment (meant for a bridge that carries no traffic yet, or to `mtu`
-    /// from another).
-    pub async fn pin_bridge_mtu(&self, bridge: &Link, mtu: u32) -> Result<(), Error> {
-        if bridge.mtu == mtu {
-            self.set_mtu(bridge.index, &bridge.name, mtu - 1).await?;
-        }
-        self.set_mtu(bridge.index, &bridge.name, mtu).await
-    }
-
     /// The id by which this connection's namespace knows `ns` (as in [`Link::peer`]), or None if
     /// it has given it none.
     pub async fn netns_id(&self, ns: &Netns) -> Result<Option<i32>, Error> {

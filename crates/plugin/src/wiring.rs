@@ -119,11 +119,9 @@ pub fn plan(
 
 pub type Result<T> = std::result::Result<T, weft_net::Error>;
 
-/// Creates (or finds) the bridge with its gateway address, and returns its index. A bridge it
-/// makes has its MTU fixed at the pod's (the network's), so that a pod given a smaller one later
-/// does not lower what the node routes to the others (agent.md).
-async fn ensure_bridge(host: &Netlink, b: &BridgePlan, mtu: u32) -> Result<u32> {
-    let created = host.add_bridge(&b.name, b.mac).await?;
+/// Creates (or finds) the bridge with its gateway address, and returns its index.
+async fn ensure_bridge(host: &Netlink, b: &BridgePlan) -> Result<u32> {
+    host.add_bridge(&b.name, b.mac).await?;
     let link = host
         .link(&b.name)
         .await?
@@ -139,9 +137,6 @@ async fn ensure_bridge(host: &Netlink, b: &BridgePlan, mtu: u32) -> Result<u32> 
                 link.kind.as_deref().unwrap_or("physical")
             )),
         });
-    }
-    if created {
-        host.pin_bridge_mtu(&link, mtu).await?;
     }
     if !link.up {
         host.set_up(link.index, &b.name).await?;
@@ -164,7 +159,7 @@ pub async fn apply(p: &PodPlan, host: &Netlink, pod: &Netlink, pod_ns: &Netns) -
     // isGateway sets it (and as every Kubernetes node has it).
     sysctl::set("net.ipv4.ip_forward", "1")?;
     let controller = match &p.bridge {
-        Some(b) => Some(ensure_bridge(host, b, p.mtu).await?),
+        Some(b) => Some(ensure_bridge(host, b).await?),
         None => None,
     };
     // A veth left by an earlier ADD of the same attachment is replaced, not reused: its pod end

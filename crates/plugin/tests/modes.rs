@@ -193,26 +193,3 @@ fn routed_mode_shape() {
         ""
     );
 }
-
-#[test]
-fn bridge_mtu_is_fixed_at_the_networks() {
-    let node = Node::new("brmtu-host");
-    let conf = node.conf("bridge", "10.244.4.0/24");
-    let (a, b) = (Ns::new("brmtu-a"), Ns::new("brmtu-b"));
-    node.add(&conf, &a, "brmtu-a").unwrap();
-    let mtu = |ns: &Ns, dev: &str| {
-        let line = ns.ip(&["-o", "link", "show", dev]);
-        let w: Vec<&str> = line.split_whitespace().collect();
-        w[w.iter().position(|x| *x == "mtu").unwrap() + 1].to_string()
-    };
-    assert_eq!(mtu(&node.host, "weft0"), "1500");
-    // A pod given a smaller MTU by its conf joins the bridge; the bridge keeps the network's MTU
-    // (left to itself it takes its smallest port's, and the node would route 1400 to every pod).
-    let mut small = conf.clone();
-    small["mtu"] = 1400.into();
-    node.add(&small, &b, "brmtu-b").unwrap();
-    assert_eq!(mtu(&b, "eth0"), "1400");
-    assert_eq!(mtu(&node.host, "weft0"), "1500");
-    node.del(&small, &b, "brmtu-b").unwrap();
-    node.del(&conf, &a, "brmtu-a").unwrap();
-}

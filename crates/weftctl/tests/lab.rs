@@ -239,10 +239,6 @@ fn jumbo_underlay_vxlan() {
         .unwrap();
     lab.ip("pinned", &["link", "set", "eth0", "mtu", "4000"]);
     lab.ip("node1", &["link", "set", pinned_host, "mtu", "4000"]);
-    // weft0's MTU is fixed, not its smallest port's: the pinned pod does not lower what node1
-    // routes to the others.
-    let weft0_mtu = || mtu(&lab.ip("node1", &["-o", "link", "show", "weft0"]));
-    assert_eq!(weft0_mtu(), "8950");
     let vxlan_index = |node: &str| {
         let line = lab.ip(node, &["-o", "link", "show", "weft.vxlan"]);
         line.split(':').next().unwrap().to_string()
@@ -274,9 +270,9 @@ fn jumbo_underlay_vxlan() {
     // node2 and its pod keep theirs.
     assert_eq!(mtus("n2p1", "node2"), ("8950".into(), "8950".into()));
     // The largest packet that fits now crosses, both ways; one more is refused (at n1p1 itself,
-    // or where node1 routes into weft0, which moved with its pods).
+    // or where node1 routes into weft0, whose MTU follows its ports).
+    let weft0_mtu = || mtu(&lab.ip("node1", &["-o", "link", "show", "weft0"]));
     assert_eq!(weft0_mtu(), "1450");
-    logged("moved bridge weft0 from MTU 8950 to 1450");
     for (from, to) in [("n1p1", "n2p1"), ("n2p1", "n1p1")] {
         assert!(ping_between(from, to, "1422"), "{from} → {to}");
         assert!(!ping_between(from, to, "1423"), "{from} → {to}");
@@ -304,10 +300,11 @@ fn jumbo_underlay_vxlan() {
     );
     logged("moved 1 pods from MTU 1450 to the node's new 8950");
     assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
-    // weft0 moved too, past the pinned pod's 4000 (a bridge left to follow its ports would stay
-    // at its smallest port's MTU): 8922 bytes cross both ways again.
+    // weft0 takes its smallest port's MTU: the pinned pod's 4000 caps what node1 routes to its
+    // pods. Without it, 8922 bytes cross both ways again.
+    assert_eq!(weft0_mtu(), "4000");
+    lab.ok(&["pod", "del", "pinned"]);
     assert_eq!(weft0_mtu(), "8950");
-    logged("moved bridge weft0 from MTU 1450 to 8950");
     // n2p1 learned a path MTU of 1450 to n1p1 from node1's ICMP above; it would keep it 10 min.
     lab.ip("n2p1", &["route", "flush", "cache"]);
     for (from, to) in [("n1p1", "n2p1"), ("n2p1", "n1p1")] {
