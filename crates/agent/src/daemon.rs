@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use weft_net::Netlink;
 use weft_plugin::config::Mode;
 use weft_plugin::subnet_env::SubnetEnv;
-use weft_store::{Error as StoreError, LeaseId, Store};
+use weft_store::{Error as StoreError, LeaseId, Revision, Store};
 
 #[derive(Clone)]
 struct Metrics {
@@ -276,8 +276,58 @@ pub fn remember_subnet(cfg: &Config, subnet: ipnet::Ipv4Net) -> Result<(), Strin
         .map_err(|e| format!("writing {}: {e}", state_file(cfg).display()))
 }
 
-/// A store prefix mirrored in memory: key → value.
-pub type Mirror = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
+/// A store prefix mirrored in memory.
+pub type Mirror = Arc<Mutex<View>>;
+
+/// What a mirror holds: each key's value, and the revision of its last change (which says
+/// whether the view has a given write: see [`View::digest`]).
+#[derive(Default)]
+pub struct View {
+    pub values: BTreeMap<String, Vec<u8>>,
+    pub revisions: BTreeMap<String, Revision>,
+}
+
+impl View {
+    fn clear(&mut self) {
+        self.values.clear();
+        self.revisions.clear();
+    }
+
+    fn insert(&mut self, kv: weft_store::KeyValue) {
+        self.revisions.insert(kv.key.clone(), kv.mod_revision);
+        self.values.insert(kv.key, kv.value);
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.values.remove(key);
+        self.revisions.remove(key);
+    }
+
+    /// The keys in order, with the revisions of their last changes.
+    pub fn keys(&self) -> impl Iterator<Item = (&str, Revision)> {
+        self.revisions.iter().map(|(k, r)| (k.as_str(), *r))
+    }
+}
+
+/// A digest of a set of store keys with the revisions of their last changes, given in key order:
+/// equal for two views of a prefix exactly when they hold the same writes (every write gives its
+/// key a new revision). FNV-1a, stable across builds and machines.
+pub fn digest<'a>(keys: impl IntoIterator<Item = (&'a str, Revision)>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for (key, rev) in keys {
+        eat(key.as_bytes());
+        // Not in a key (they are UTF-8), so key and revision cannot run into each other.
+        eat(&[0xff]);
+        eat(&rev.to_le_bytes());
+    }
+    h
+}
 
 /// Keeps `view` equal to the store under `prefix`: list, then watch from the list's revision;
 /// list again after a compaction or when the watch gives up. `synced` fires after each full
@@ -294,7 +344,9 @@ pub async fn mirror<S: Store>(
             Ok((kvs, rev)) => {
                 let mut v = view.lock().expect("not poisoned");
                 v.clear();
-                v.extend(kvs.into_iter().map(|kv| (kv.key, kv.value)));
+                for kv in kvs {
+                    v.insert(kv);
+                }
                 drop(v);
                 changed.notify_one();
                 synced.notify_one();
@@ -310,7 +362,7 @@ pub async fn mirror<S: Store>(
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(weft_store::Event::Put(kv)) => {
-                    view.lock().expect("not poisoned").insert(kv.key, kv.value);
+                    view.lock().expect("not poisoned").insert(kv);
                     changed.notify_one();
                 }
                 Ok(weft_store::Event::Delete { key, .. }) => {
@@ -564,6 +616,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         if leave_requests
             .lock()
             .expect("not poisoned")
+            .values
             .contains_key(&leave_key(&cfg.node_name))
         {
             health.ready.store(false, Ordering::Relaxed);
@@ -623,7 +676,7 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         }
         m.lease.get_or_create(&held).set(1);
         let (peers, own): (Vec<Lease>, Option<Lease>) = {
-            let v = view.lock().expect("not poisoned");
+            let v = &view.lock().expect("not poisoned").values;
             let peers = v
                 .values()
                 .filter_map(|v| serde_json::from_slice(v).ok())

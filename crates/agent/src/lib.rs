@@ -10,7 +10,7 @@ mod http;
 pub mod lease;
 pub mod network;
 mod pod_mtu;
-mod services;
+pub mod services;
 mod underlay;
 
 /// For unit tests that need a real store.

@@ -4,7 +4,7 @@
 //! healthCheckNodePorts of externalTrafficPolicy Local services, as kube-proxy does.
 
 use crate::config::Config;
-use crate::daemon::{mirror, Mirror};
+use crate::daemon::{digest, mirror, Mirror};
 use crate::http::{read_request, respond, Health};
 use crate::lease::Lease;
 use prometheus_client::metrics::counter::Counter;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use weft_services::{Cache, Compiler, NodeFacts, Proxy, SyncKind};
-use weft_store::Store;
+use weft_store::{Revision, Store};
 
 pub const SERVICES_PREFIX: &str = "/registry/services/specs/";
 pub const SLICES_PREFIX: &str = "/registry/endpointslices/";
@@ -32,6 +32,7 @@ pub struct Metrics {
     sync_errors: Counter,
     sync_seconds: Histogram,
     conntrack_deletes: Counter,
+    objects_digest: Gauge,
 }
 
 impl Metrics {
@@ -44,6 +45,7 @@ impl Metrics {
             sync_errors: Counter::default(),
             sync_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0]),
             conntrack_deletes: Counter::default(),
+            objects_digest: Gauge::default(),
         };
         r.register(
             "service_ports",
@@ -80,8 +82,25 @@ impl Metrics {
             "conntrack deletions for UDP flows of departed endpoints",
             m.conntrack_deletes.clone(),
         );
+        r.register(
+            "service_objects_digest",
+            "Digest of the Service and EndpointSlice objects (keys and revisions) that the table \
+             was last programmed from; the store's own once the node has caught up",
+            m.objects_digest.clone(),
+        );
         m
     }
+}
+
+/// What `weft_service_objects_digest` reports: the [`digest`] of the Service keys and then the
+/// EndpointSlice keys (each in key order) with their revisions, cut to 53 bits so that a float,
+/// Prometheus' number, holds it exactly. Whoever wrote to the store (`weftctl lab apply`, say)
+/// computes the same from a list of both prefixes and so knows when a node has programmed it.
+pub fn objects_digest<'a>(
+    services: impl IntoIterator<Item = (&'a str, Revision)>,
+    slices: impl IntoIterator<Item = (&'a str, Revision)>,
+) -> i64 {
+    (digest(services.into_iter().chain(slices)) & ((1 << 53) - 1)) as i64
 }
 
 type HealthState = Arc<Mutex<BTreeMap<u16, (String, usize)>>>;
@@ -209,10 +228,14 @@ pub async fn run<S: Store>(
             cluster_cidr: cfg.cluster_cidr,
             local_subnet: lease.borrow_and_update().subnet,
         };
-        let objects = {
+        // What the table is about to be programmed from, and its digest, read together.
+        let (objects, objects_digest_now) = {
             let s = services.lock().expect("not poisoned");
             let e = slices.lock().expect("not poisoned");
-            cache.update(&s, &e, cfg.service_cidr)
+            (
+                cache.update(&s.values, &e.values, cfg.service_cidr),
+                objects_digest(s.keys(), e.keys()),
+            )
         };
         let start = Instant::now();
         let rs = compiler.compile(&facts, &objects);
@@ -246,6 +269,7 @@ pub async fn run<S: Store>(
         match outcome {
             Ok(r) => {
                 health.services_ready.store(true, Ordering::Relaxed);
+                m.objects_digest.set(objects_digest_now);
                 m.conntrack_deletes.inc_by(r.conntrack_deletes as u64);
                 if r.kind == SyncKind::Full {
                     m.full_syncs.inc();
@@ -293,5 +317,35 @@ pub async fn run<S: Store>(
             }
             _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::objects_digest;
+
+    #[test]
+    fn objects_digest_tells_writes_apart_and_is_stable() {
+        let svc = [("/registry/services/specs/default/web", 7)];
+        let slices = [
+            ("/registry/endpointslices/default/web-1", 8),
+            ("/registry/endpointslices/default/web-2", 9),
+        ];
+        let d = objects_digest(svc, slices);
+        // The same writes, the same digest; fits a float exactly.
+        assert_eq!(d, objects_digest(svc, slices));
+        assert!((0..1 << 53).contains(&d));
+        // A write (a new revision), a delete, a slice missing: each another digest.
+        assert_ne!(d, objects_digest([(svc[0].0, 10)], slices));
+        assert_ne!(d, objects_digest([], slices));
+        assert_ne!(d, objects_digest(svc, [slices[0]]));
+        // Key and revision cannot run into each other: "…web" at 1 vs "…we" + "b…" at another.
+        assert_ne!(
+            objects_digest([("ab", 1)], []),
+            objects_digest([("a", 1)], [])
+        );
+        // Stable across builds and machines (FNV-1a over a fixed byte layout, as services.md has
+        // it): weftctl and every agent must agree, whatever their versions.
+        assert_eq!(objects_digest(svc, []), 7_719_148_105_390_292);
     }
 }

@@ -4,6 +4,7 @@
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use weft_agent::services::{SERVICES_PREFIX, SLICES_PREFIX};
 use weft_plugin::config::SUBNET_FILE;
 use weft_plugin::subnet_env::SubnetEnv;
 use weft_store::Store;
@@ -80,13 +81,10 @@ fn list(a: ServicesArgs) -> Result<(), String> {
                 serde_json::from_slice::<weft_agent::network::NetworkConfig>(&kv.value).ok()
             });
         let (s, _) = store
-            .list("/registry/services/specs/")
+            .list(SERVICES_PREFIX)
             .await
             .map_err(|e| e.to_string())?;
-        let (e, _) = store
-            .list("/registry/endpointslices/")
-            .await
-            .map_err(|e| e.to_string())?;
+        let (e, _) = store.list(SLICES_PREFIX).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((s, e, recorded))
     })?;
     // As weftd names its node, so that endpoints' nodeName match.

@@ -193,24 +193,30 @@ pub fn run(args: LabArgs) -> i32 {
         dir: args.state_dir.join(&args.name),
         name: args.name.clone(),
     };
+    // A command that changed Services, EndpointSlices or pods returns once every agent has them.
+    let programmed = |r: Result<i32>| {
+        let code = r?;
+        lab.await_programmed(&lab.load()?)?;
+        Ok(code)
+    };
     let outcome = match args.command {
         LabCommand::Up(up) => lab.up(up),
         LabCommand::Down => lab.down(),
         LabCommand::Status => lab.status(),
         LabCommand::Check => lab.check(),
-        LabCommand::Pod(PodCommand::Add { node, pod, labels }) => lab.with_state(|s| {
+        LabCommand::Pod(PodCommand::Add { node, pod, labels }) => programmed(lab.with_state(|s| {
             lab.add_pod(s, &node, &pod, labels.into_iter().collect())?;
             lab.publish_pods(s, &[pod.as_str()], &BTreeMap::new())
-        }),
-        LabCommand::Pod(PodCommand::Del { pod }) => lab.with_state(|s| {
+        })),
+        LabCommand::Pod(PodCommand::Del { pod }) => programmed(lab.with_state(|s| {
             lab.del_pod(s, &pod)?;
             objects::session(s, |db| {
                 db.delete(&format!("/registry/pods/default/{pod}"))?;
                 objects::sync_endpoints(db).map(drop)
             })
-        }),
-        LabCommand::Apply { file } => lab.with_state(|s| lab.apply(s, &file, false)),
-        LabCommand::Delete { file } => lab.with_state(|s| lab.apply(s, &file, true)),
+        })),
+        LabCommand::Apply { file } => programmed(lab.with_state(|s| lab.apply(s, &file, false))),
+        LabCommand::Delete { file } => programmed(lab.with_state(|s| lab.apply(s, &file, true))),
         LabCommand::Services { node } => lab.services(&node),
         LabCommand::Node(NodeCommand::Restart { node, kill }) => {
             lab.with_state(|s| lab.restart_agent(s, &node, kill))
@@ -583,7 +589,7 @@ impl Lab {
                 "--services-repair",
                 "5",
             ])
-            .args(["--mode", &s.mode, "--listen", "127.0.0.1:9967"])
+            .args(["--mode", &s.mode, "--listen", &AGENT_LISTEN.to_string()])
             .arg("--run-dir")
             .arg(node.dir.join("run"))
             .arg("--state-dir")
@@ -1028,6 +1034,25 @@ fn wait_subnet(node: &NodeState) -> Result<()> {
 }
 
 /// Connects from inside `ns` and reads the responder's answer (bounded by timeouts).
+/// Where each node's agent serves /healthz, /readyz and /metrics, inside the node's namespace.
+const AGENT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9967);
+
+/// One value from a node's agent's /metrics (None: no agent answering, or no such metric).
+fn agent_metric(node: &NodeState, name: &str) -> Option<String> {
+    let ns = Netns::open(NamedNetns::path(&node.netns)).ok()?;
+    let mut stream = ns
+        .run(|| TcpStream::connect_timeout(&AGENT_LISTEN, Duration::from_secs(1)))
+        .ok()?
+        .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: weftd\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(str::to_string)
+}
+
 fn probe(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     let mut stream = ns
         .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))

@@ -11,8 +11,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use weft_agent::services::{objects_digest, SERVICES_PREFIX, SLICES_PREFIX};
 use weft_net::{NamedNetns, Netns};
-use weft_store::{AnyStore, Store};
+use weft_store::{AnyStore, Revision, Store};
 
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const CONTROLLER: &str = "weftctl-lab";
@@ -50,6 +52,28 @@ impl Session {
         self.rt
             .block_on(self.store.delete(key))
             .map_err(|e| format!("deleting {key}: {e}"))
+    }
+
+    /// What an agent that has programmed the store's Services and EndpointSlices as they are
+    /// now reports as `weft_service_objects_digest`.
+    pub fn objects_digest(&self) -> Result<i64> {
+        let keys = |prefix: &str| -> Result<Vec<(String, Revision)>> {
+            let (kvs, _) = self
+                .rt
+                .block_on(self.store.list(prefix))
+                .map_err(|e| format!("listing {prefix}: {e}"))?;
+            let mut keys: Vec<_> = kvs
+                .into_iter()
+                .map(|kv| (kv.key, kv.mod_revision))
+                .collect();
+            keys.sort();
+            Ok(keys)
+        };
+        let (services, slices) = (keys(SERVICES_PREFIX)?, keys(SLICES_PREFIX)?);
+        Ok(objects_digest(
+            services.iter().map(|(k, r)| (k.as_str(), *r)),
+            slices.iter().map(|(k, r)| (k.as_str(), *r)),
+        ))
     }
 }
 
@@ -377,10 +401,10 @@ pub fn desired_slices(
 /// One pass of the endpoint controller: writes the slices that differ, deletes its own slices
 /// that are no longer wanted. Returns the number of changes.
 pub fn sync_endpoints(db: &Session) -> Result<usize> {
-    let services = db.list("/registry/services/specs/")?;
+    let services = db.list(SERVICES_PREFIX)?;
     let pods = db.list("/registry/pods/")?;
     let want = desired_slices(&services, &pods);
-    let have = db.list("/registry/endpointslices/")?;
+    let have = db.list(SLICES_PREFIX)?;
     let mut changes = 0;
     for (key, v) in &have {
         let ours = serde_json::from_slice::<Value>(v)
@@ -429,6 +453,39 @@ impl super::Lab {
             }
             sync_endpoints(db).map(drop)
         })
+    }
+
+    /// Waits until every running agent has programmed the Services and EndpointSlices that the
+    /// store now holds, as `kubectl apply --wait` waits for its objects, so that a `lab check`
+    /// right after probes what the nodes have, not what they are about to have. An agent reports
+    /// what its table was last programmed from as a digest (services.md). At most 10 s.
+    pub(super) fn await_programmed(&self, s: &LabState) -> Result<()> {
+        const METRIC: &str = "weft_service_objects_digest";
+        let want = session(s, |db| db.objects_digest())?.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let behind: Vec<String> = s
+                .nodes
+                .iter()
+                .filter(|n| n.agent_pid.is_some_and(super::alive))
+                .filter_map(|n| match super::agent_metric(n, METRIC) {
+                    Some(got) if got == want => None,
+                    Some(got) => Some(format!("{} (at {got})", n.name)),
+                    None => Some(format!("{} (no answer)", n.name)),
+                })
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "stored, but not programmed within 10 s by {}: the store's {METRIC} is {want} \
+                     (see their weftd.log)",
+                    behind.join(", ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `apply -f` (or `delete -f` with `delete`).
@@ -501,7 +558,7 @@ impl super::Lab {
         let verb = if delete { "deleted" } else { "configured" };
         let mut snapshot = snapshot;
         session(s, |db| {
-            let mut existing = db.list("/registry/services/specs/")?;
+            let mut existing = db.list(SERVICES_PREFIX)?;
             for (key, value) in snapshot.iter_mut() {
                 if let Some(v) = value.as_mut().filter(|v| v["kind"] == "Service") {
                     allocate(&existing, key, v)?;
@@ -556,10 +613,7 @@ impl super::Lab {
     /// Probes every TCP Service from every client: (passed, failed, passed only after retries).
     pub(super) fn check_services(&self, s: &LabState) -> Result<(usize, usize, usize)> {
         let (services, slices) = session(s, |db| {
-            Ok((
-                db.list("/registry/services/specs/")?,
-                db.list("/registry/endpointslices/")?,
-            ))
+            Ok((db.list(SERVICES_PREFIX)?, db.list(SLICES_PREFIX)?))
         })?;
         if services.is_empty() {
             return Ok((0, 0, 0));
