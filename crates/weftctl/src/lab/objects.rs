@@ -461,9 +461,10 @@ impl super::Lab {
     /// what its table was last programmed from as a digest (services.md). At most 10 s.
     pub(super) fn await_programmed(&self, s: &LabState) -> Result<()> {
         const METRIC: &str = "weft_service_objects_digest";
-        let want = session(s, |db| db.objects_digest())?.to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // Read again each time: another writer may have moved the store on since.
+            let want = session(s, |db| db.objects_digest())?.to_string();
             let behind: Vec<String> = s
                 .nodes
                 .iter()
