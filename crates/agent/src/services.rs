@@ -251,15 +251,20 @@ pub async fn run<S: Store>(
         health_ports.update(&rs.health).await;
         let repair = last_repair.elapsed() >= cfg.services_repair;
         let mut p = proxy.take().expect("the proxy is put back after each sync");
-        let (p, outcome) = tokio::task::spawn_blocking(move || {
+        let (p, outcome, synced) = tokio::task::spawn_blocking(move || {
             let mut r = p.sync(&facts, rs);
-            if repair && r.is_ok() {
+            let synced = r.is_ok();
+            if repair && synced {
                 r = p.repair();
             }
-            (p, r)
+            (p, r, synced)
         })
         .await
         .expect("the sync thread does not panic");
+        if synced {
+            // Programmed from that snapshot, even if the repair after it failed.
+            m.objects_digest.set(objects_digest_now);
+        }
         proxy = Some(p);
         if repair {
             last_repair = Instant::now();
@@ -269,7 +274,6 @@ pub async fn run<S: Store>(
         match outcome {
             Ok(r) => {
                 health.services_ready.store(true, Ordering::Relaxed);
-                m.objects_digest.set(objects_digest_now);
                 m.conntrack_deletes.inc_by(r.conntrack_deletes as u64);
                 if r.kind == SyncKind::Full {
                     m.full_syncs.inc();
@@ -322,7 +326,69 @@ pub async fn run<S: Store>(
 
 #[cfg(test)]
 mod tests {
-    use super::objects_digest;
+    use super::{objects_digest, SERVICES_PREFIX, SLICES_PREFIX};
+    use crate::daemon::{mirror, Mirror};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use weft_store::Store;
+
+    /// What weftctl computes: from a list of each prefix.
+    async fn listed(store: &impl Store) -> i64 {
+        let (s, _) = store.list(SERVICES_PREFIX).await.unwrap();
+        let (e, _) = store.list(SLICES_PREFIX).await.unwrap();
+        objects_digest(
+            s.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)),
+            e.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)),
+        )
+    }
+
+    #[test]
+    fn mirrors_of_the_store_have_the_digest_of_its_lists() {
+        crate::testing::with_store("digest", async |store| {
+            let put = async |key: &str, value: &str| {
+                store.put(key, value.as_bytes(), None).await.unwrap();
+            };
+            let svc = format!("{SERVICES_PREFIX}default/web");
+            let (s1, s2) = (
+                format!("{SLICES_PREFIX}default/web-1"),
+                format!("{SLICES_PREFIX}default/web-2"),
+            );
+            // Before the mirrors start (their list) and after (their watches): puts, a put of
+            // the same value again, a delete.
+            put(&svc, "{}").await;
+            put(&s1, "{}").await;
+            let (services, slices) = (Mirror::default(), Mirror::default());
+            let store = Arc::new(store.clone());
+            for (prefix, view) in [(SERVICES_PREFIX, &services), (SLICES_PREFIX, &slices)] {
+                let n = Arc::new(tokio::sync::Notify::new());
+                tokio::spawn(mirror(store.clone(), prefix, view.clone(), n.clone(), n));
+            }
+            let mirrored = || {
+                let (s, e) = (services.lock().unwrap(), slices.lock().unwrap());
+                objects_digest(s.keys(), e.keys())
+            };
+            let settles = async |want: i64| {
+                for _ in 0..100 {
+                    if mirrored() == want {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                false
+            };
+            let first = listed(&*store).await;
+            assert!(settles(first).await);
+            store.put(&s2, b"{}", None).await.unwrap();
+            store.put(&svc, b"{}", None).await.unwrap();
+            store.delete(&s1).await.unwrap();
+            let last = listed(&*store).await;
+            assert_ne!(last, first);
+            assert!(
+                settles(last).await,
+                "the mirrors never matched the store's lists"
+            );
+        });
+    }
 
     #[test]
     fn objects_digest_tells_writes_apart_and_is_stable() {
@@ -339,11 +405,6 @@ mod tests {
         assert_ne!(d, objects_digest([(svc[0].0, 10)], slices));
         assert_ne!(d, objects_digest([], slices));
         assert_ne!(d, objects_digest(svc, [slices[0]]));
-        // Key and revision cannot run into each other: "…web" at 1 vs "…we" + "b…" at another.
-        assert_ne!(
-            objects_digest([("ab", 1)], []),
-            objects_digest([("a", 1)], [])
-        );
         // Stable across builds and machines (FNV-1a over a fixed byte layout, as services.md has
         // it): weftctl and every agent must agree, whatever their versions.
         assert_eq!(objects_digest(svc, []), 7_719_148_105_390_292);

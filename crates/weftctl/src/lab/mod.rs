@@ -756,7 +756,7 @@ impl Lab {
 
     /// Whether `pid` is still a process of this lab: its command line names the lab's directory or
     /// its namespaces. A pid from the state file may have been reused by something else.
-    fn owns(&self, pid: u32) -> bool {
+    pub(super) fn owns(&self, pid: u32) -> bool {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
@@ -1033,18 +1033,19 @@ fn wait_subnet(node: &NodeState) -> Result<()> {
     Ok(())
 }
 
-/// Connects from inside `ns` and reads the responder's answer (bounded by timeouts).
 /// Where each node's agent serves /healthz, /readyz and /metrics, inside the node's namespace.
 const AGENT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9967);
 
-/// One value from a node's agent's /metrics (None: no agent answering, or no such metric).
-fn agent_metric(node: &NodeState, name: &str) -> Option<String> {
+/// One value from a node's agent's /metrics (None: no agent answering within `timeout`, or no
+/// such metric).
+fn agent_metric(node: &NodeState, name: &str, timeout: Duration) -> Option<String> {
+    let timeout = timeout.max(Duration::from_millis(10));
     let ns = Netns::open(NamedNetns::path(&node.netns)).ok()?;
     let mut stream = ns
-        .run(|| TcpStream::connect_timeout(&AGENT_LISTEN, Duration::from_secs(1)))
+        .run(|| TcpStream::connect_timeout(&AGENT_LISTEN, timeout))
         .ok()?
         .ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
     std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: weftd\r\n\r\n").ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
@@ -1053,6 +1054,7 @@ fn agent_metric(node: &NodeState, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Connects from inside `ns` and reads the responder's answer (bounded by timeouts).
 fn probe(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     let mut stream = ns
         .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))

@@ -468,11 +468,18 @@ impl super::Lab {
             let behind: Vec<String> = s
                 .nodes
                 .iter()
-                .filter(|n| n.agent_pid.is_some_and(super::alive))
-                .filter_map(|n| match super::agent_metric(n, METRIC) {
-                    Some(got) if got == want => None,
-                    Some(got) => Some(format!("{} (at {got})", n.name)),
-                    None => Some(format!("{} (no answer)", n.name)),
+                // (The lab's own agent: a pid reused by another process is not waited for.)
+                .filter(|n| n.agent_pid.is_some_and(|p| self.owns(p)))
+                .filter_map(|n| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match super::agent_metric(n, METRIC, left.min(Duration::from_secs(1))) {
+                        Some(got) if got == want => None,
+                        // The gauge's start: no Services sync yet (the agent is still leasing
+                        // its subnet, say, or cannot reach the store).
+                        Some(got) if got == "0" => Some(format!("{} (not synced yet)", n.name)),
+                        Some(got) => Some(format!("{} (at {got})", n.name)),
+                        None => Some(format!("{} (no answer)", n.name)),
+                    }
                 })
                 .collect();
             if behind.is_empty() {
