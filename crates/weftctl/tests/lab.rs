@@ -949,6 +949,21 @@ fn etcd_outage_keeps_the_datapath_and_the_agents_catch_up() {
         || readyz("node2").starts_with("HTTP/1.1 200"),
     );
     assert_eq!(lab.subnet("node2"), s2, "node2 kept its subnet");
+    // Services written after the outage, through etcd: apply returns once every agent, node2's
+    // restarted one too, has programmed them (their digests equal etcd's), so a check right after
+    // needs no retry.
+    let manifest = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/lab-services.yaml"
+    );
+    lab.ok(&["apply", "-f", manifest]);
+    let check = lab.ok(&["check"]);
+    assert!(
+        check.contains(" 0 failed")
+            && !check.contains("after retries")
+            && check.contains("default/web/tcp/80: 9/9 ok"),
+        "{check}"
+    );
 
     // The agents catch up: a node leaving after the outage is dropped by its peers.
     let s3 = lab.subnet("node3");
