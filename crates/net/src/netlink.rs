@@ -232,7 +232,7 @@ impl Netlink {
         Ok(msgs.iter().map(Link::from_message).collect())
     }
 
-    /// Creates a bridge (down) with a fixed MAC, whose bridged IPv4 passes the IP hooks
+    /// Creates an up bridge with a fixed MAC, whose bridged IPv4 passes the IP hooks
     /// (`nf_call_iptables`, see [`Netlink::set_bridge_nf_call_iptables`]). A fixed MAC matters:
     /// otherwise the bridge takes the lowest port MAC, which changes as pods come and go and
     /// breaks the pods' ARP entry for the gateway. Returns false if the bridge already existed.
@@ -240,6 +240,7 @@ impl Netlink {
         let msg = LinkBridge::new(name)
             .address(mac.to_vec())
             .append_info_data(InfoBridge::NfCallIpTables(true))
+            .up()
             .build();
         benign(
             self.handle.link().add(msg).execute().await,
