@@ -41,15 +41,8 @@ pub async fn reconcile(
             let existing = nl.link(VXLAN_DEVICE).await?;
             // A device that differs in anything Weft sets but the MTU (learning switched on by
             // hand, another port, an underlay address that changed) is made again. A new MTU
-            // (the underlay's changed) is set in place: remaking would drop every route,
-            // neighbour and FDB entry through it for a moment.
-            let stale = existing.as_ref().is_some_and(|l| {
-                !VxlanSpec {
-                    mtu: l.mtu,
-                    ..spec.clone()
-                }
-                .matches(l)
-            });
+            // (the underlay's changed) is set in place, below.
+            let stale = existing.as_ref().is_some_and(|l| !spec.matches(l));
             if stale {
                 nl.del_link(VXLAN_DEVICE).await?;
                 changes += 1;
