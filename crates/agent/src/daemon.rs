@@ -311,22 +311,13 @@ impl View {
 
 /// A digest of a set of store keys with the revisions of their last changes, given in key order:
 /// equal for two views of a prefix exactly when they hold the same writes (every write gives its
-/// key a new revision). FNV-1a, stable across builds and machines.
+/// key a new revision). FNV-1a, stable across builds and machines, over each key, 0xff (never in
+/// UTF-8, so a key cannot run into its revision) and the revision's 8 bytes, little-endian.
 pub fn digest<'a>(keys: impl IntoIterator<Item = (&'a str, Revision)>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for (key, rev) in keys {
-        eat(key.as_bytes());
-        // Not in a key (they are UTF-8), so key and revision cannot run into each other.
-        eat(&[0xff]);
-        eat(&rev.to_le_bytes());
-    }
-    h
+    weft_plugin::names::fnv1a(
+        keys.into_iter()
+            .flat_map(|(key, rev)| key.bytes().chain([0xff]).chain(rev.to_le_bytes())),
+    )
 }
 
 /// Keeps `view` equal to the store under `prefix`: list, then watch from the list's revision;

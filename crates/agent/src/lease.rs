@@ -90,10 +90,7 @@ pub fn candidates(
     if all.is_empty() {
         return all;
     }
-    let offset = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    }) as usize
-        % all.len();
+    let offset = weft_plugin::names::fnv1a(node.bytes()) as usize % all.len();
     let mut out: Vec<Ipv4Net> = previous.filter(|p| all.contains(p)).into_iter().collect();
     out.extend(
         all[offset..]

@@ -9,13 +9,17 @@ pub const VETH_PREFIX: &str = "weft";
 /// The host end of a pod's veth: `weft` + 11 hex digits of a hash of (container id, ifname),
 /// 15 characters in all (IFNAMSIZ - 1). 44 bits keep collisions out of reach on one node.
 pub fn host_veth(container_id: &str, ifname: &str) -> String {
-    // FNV-1a: stable across releases and platforms, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = fnv1a(container_id.bytes().chain([b'/']).chain(ifname.bytes()));
     format!("{VETH_PREFIX}{:011x}", h >> 20)
+}
+
+/// FNV-1a (64 bits) of the bytes: stable across releases and platforms, unlike std's hasher, for
+/// what Weft derives from names and must derive alike everywhere (veth names, a node's first
+/// subnet candidate, the Services digest).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The alias set on a host veth, `weft/<network>/<container id>/<ifname>`: it marks the link as
