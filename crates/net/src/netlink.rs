@@ -500,12 +500,13 @@ impl Netlink {
         ids: &std::collections::HashSet<i32>,
     ) -> Result<std::collections::HashMap<i32, Netns>, Error> {
         let mut found = std::collections::HashMap::new();
+        if ids.is_empty() {
+            return Ok(found);
+        }
         let mut seen = std::collections::HashSet::new();
-        let named = std::fs::read_dir(crate::netns::NETNS_RUN_DIR)
+        let named = crate::NamedNetns::list("")
             .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path());
+            .map(|n| crate::NamedNetns::path(&n));
         let procs = std::fs::read_dir("/proc")
             .map_err(|e| Error::io("listing /proc", e))?
             .flatten()
