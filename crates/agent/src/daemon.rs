@@ -100,17 +100,33 @@ impl Metrics {
     }
 }
 
-fn state_file(cfg: &Config) -> std::path::PathBuf {
-    cfg.state_dir.join("subnet")
-}
-
-fn previous_subnet(cfg: &Config) -> Option<ipnet::Ipv4Net> {
-    std::fs::read_to_string(state_file(cfg))
+/// A value the agent keeps in `<state-dir>/<name>` across restarts (None: absent or unreadable).
+pub(crate) fn read_state<T: std::str::FromStr>(cfg: &Config, name: &str) -> Option<T> {
+    std::fs::read_to_string(cfg.state_dir.join(name))
         .ok()?
         .trim()
         .parse()
         .ok()
 }
+
+/// Writes `<state-dir>/<name>`, then renames it into place: a torn file would lose the value.
+pub(crate) fn write_state(
+    cfg: &Config,
+    name: &str,
+    value: impl std::fmt::Display,
+) -> Result<(), String> {
+    let (tmp, path) = (
+        cfg.state_dir.join(format!(".{name}.tmp")),
+        cfg.state_dir.join(name),
+    );
+    std::fs::create_dir_all(&cfg.state_dir)
+        .and_then(|()| std::fs::write(&tmp, format!("{value}\n")))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// `<state-dir>/subnet`: the subnet last held.
+const SUBNET_STATE: &str = "subnet";
 
 /// Leases a subnet for this node: its own lease if the store still has one (a restart), else its
 /// previous subnet if free, else the first free candidate. Every write is a compare-and-swap, so
@@ -162,7 +178,7 @@ pub async fn acquire<S: Store>(
             cfg.cluster_cidr,
             cfg.subnet_len,
             &cfg.node_name,
-            previous_subnet(cfg),
+            read_state(cfg, SUBNET_STATE),
         ) {
             if taken.contains(&lease_key(subnet)) {
                 continue;
@@ -244,15 +260,13 @@ async fn bridge_netfilter(nl: &Netlink, cfg: &Config) -> Option<String> {
     None
 }
 
-/// Writes subnet.env; returns the pod MTU it said before, if any.
-fn write_subnet_env(
-    cfg: &Config,
-    lease: &Lease,
-    underlay: &Underlay,
-) -> Result<Option<u32>, String> {
-    let path = cfg.run_dir.join(weft_plugin::config::SUBNET_FILE);
-    // An unreadable old file is written over, as before.
-    let before = SubnetEnv::read(&path).ok().flatten().and_then(|e| e.mtu);
+fn subnet_env_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.run_dir.join(weft_plugin::config::SUBNET_FILE)
+}
+
+/// Writes subnet.env (an unreadable old file is written over).
+fn write_subnet_env(cfg: &Config, lease: &Lease, underlay: &Underlay) -> Result<(), String> {
+    let path = subnet_env_path(cfg);
     let env = SubnetEnv {
         network: Some(cfg.cluster_cidr),
         subnet: Some(lease.subnet),
@@ -262,18 +276,13 @@ fn write_subnet_env(
     };
     env.write(&path)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    remember_subnet(cfg, lease.subnet)?;
-    Ok(before)
+    remember_subnet(cfg, lease.subnet)
 }
 
 /// Keeps the node's subnet in `<state-dir>/subnet`, to ask for it again if the lease expires
-/// while the agent is away. Write-then-rename: a torn file would lose it.
+/// while the agent is away.
 pub fn remember_subnet(cfg: &Config, subnet: ipnet::Ipv4Net) -> Result<(), String> {
-    let tmp = cfg.state_dir.join(".subnet.tmp");
-    std::fs::create_dir_all(&cfg.state_dir)
-        .and_then(|()| std::fs::write(&tmp, format!("{subnet}\n")))
-        .and_then(|()| std::fs::rename(&tmp, state_file(cfg)))
-        .map_err(|e| format!("writing {}: {e}", state_file(cfg).display()))
+    write_state(cfg, SUBNET_STATE, subnet)
 }
 
 /// A store prefix mirrored in memory.
@@ -541,7 +550,12 @@ pub async fn run<S: Store>(cfg: Config, store: Arc<S>) -> Result<(), String> {
         lease.subnet,
         cfg.backend.as_str()
     );
-    let before = write_subnet_env(&cfg, &lease, &underlay)?;
+    // What subnet.env said before this start: the pods' MTU, for a state dir without its record.
+    let before = SubnetEnv::read(&subnet_env_path(&cfg))
+        .ok()
+        .flatten()
+        .and_then(|e| e.mtu);
+    write_subnet_env(&cfg, &lease, &underlay)?;
     // The underlay's MTU or the backend may have changed while the agent was away.
     let mut pod_mtu = crate::pod_mtu::Follower::default();
     pod_mtu
@@ -911,10 +925,7 @@ async fn leave<S: Store>(
     if let Err(e) = weft_services::nft::remove_table() {
         errors.push(format!("removing table ip weft: {e}"));
     }
-    for path in [
-        cfg.run_dir.join(weft_plugin::config::SUBNET_FILE),
-        state_file(cfg),
-    ] {
+    for path in [subnet_env_path(cfg), cfg.state_dir.join(SUBNET_STATE)] {
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 errors.push(format!("removing {}: {e}", path.display()))

@@ -2,6 +2,7 @@
 //! both ends of their veth, not only the pods made from then on. See agent.md.
 
 use crate::config::Config;
+use crate::daemon::{read_state, write_state};
 use std::collections::HashSet;
 use tracing::{info, warn};
 use weft_net::{Link, Netlink, Netns};
@@ -11,27 +12,11 @@ use weft_net::{Link, Netlink, Netns};
 /// between moves them at its next start.
 const FILE: &str = "pod-mtu";
 
-fn recorded(cfg: &Config) -> Option<u32> {
-    std::fs::read_to_string(cfg.state_dir.join(FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn record(cfg: &Config, mtu: u32) {
-    let tmp = cfg.state_dir.join(".pod-mtu.tmp");
-    let done = std::fs::create_dir_all(&cfg.state_dir)
-        .and_then(|()| std::fs::write(&tmp, format!("{mtu}\n")))
-        .and_then(|()| std::fs::rename(&tmp, cfg.state_dir.join(FILE)));
-    if let Err(e) = done {
-        warn!("writing {}: {e}", cfg.state_dir.join(FILE).display());
-    }
-}
-
 /// What the agent's loop keeps between passes.
 #[derive(Default)]
 pub struct Follower {
+    /// The record (FILE), read at the first pass and kept here as it is written.
+    at: Option<Option<u32>>,
     /// A move done at the last pass, (old, new), to look over once more.
     straggler: Option<(u32, u32)>,
     /// The new MTU for which the veths without an alias were named: once per change.
@@ -49,15 +34,23 @@ impl Follower {
         if let Some((old, new)) = self.straggler.take().filter(|(_, new)| *new == now) {
             self.follow(nl, &cfg.network_name, old, new).await;
         }
-        match recorded(cfg).or(before) {
+        let at = *self.at.get_or_insert_with(|| read_state(cfg, FILE));
+        match at.or(before) {
             Some(old) if old == now => {}
             Some(old) => {
                 if let Some(moved) = self.follow(nl, &cfg.network_name, old, now).await {
-                    record(cfg, now);
+                    self.record(cfg, now);
                     self.straggler = (moved > 0).then_some((old, now));
                 }
             }
-            None => record(cfg, now),
+            None => self.record(cfg, now),
+        }
+    }
+
+    fn record(&mut self, cfg: &Config, mtu: u32) {
+        self.at = Some(Some(mtu));
+        if let Err(e) = write_state(cfg, FILE, mtu) {
+            warn!("{e}");
         }
     }
 
