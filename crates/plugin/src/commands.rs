@@ -353,7 +353,7 @@ fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
         Some(_) => {}
     }
     let pod_ns = open_netns(env)?;
-    // Everything comes from prevResult and the IPAM record, not subnet.env: CHECK must not fail
+    // The plan comes from prevResult and the IPAM record, not subnet.env: CHECK must not fail
     // while the agent restarts. A /32 is routed mode's signature.
     let mode = if addr.prefix_len() == 32 {
         Mode::Routed
@@ -369,12 +369,10 @@ fn check(env: &Env, conf: &NetConf, wc: &WeftConf) -> Result<(), CniError> {
         .interface
         .and_then(|i| prev.interfaces.get(i))
         .and_then(|i| i.mtu);
-    // The node's MTU now, which weftd moves running pods to when the underlay's changes; an
-    // unreadable subnet.env (the agent restarting) leaves only the recorded one.
-    let node_mtu = crate::subnet_env::SubnetEnv::read(&wc.subnet_file())
-        .ok()
-        .flatten()
-        .and_then(|e| e.mtu);
+    // Besides the recorded MTU, the one an ADD would give now: weftd moves running pods to the
+    // node's new MTU when the underlay's changes. An unreadable subnet.env (the agent
+    // restarting) leaves only the recorded one.
+    let node_mtu = wc.current_mtu();
     let mut plan = wiring::plan(
         &id,
         mode,

@@ -156,6 +156,13 @@ impl WeftConf {
         self.run_dir.join(SUBNET_FILE)
     }
 
+    /// The MTU an ADD would give a pod now, by the same rule as [`WeftConf::network`] (the conf's,
+    /// else subnet.env's), if either says one; an unreadable subnet.env says none.
+    pub fn current_mtu(&self) -> Option<u32> {
+        self.mtu
+            .or_else(|| SubnetEnv::read(&self.subnet_file()).ok().flatten()?.mtu)
+    }
+
     /// The node's network: the conf's own fields first, subnet.env for what they leave out. No
     /// subnet anywhere means the agent has not leased one yet: "try again later" (code 11).
     pub fn network(&self) -> Result<Network, CniError> {
