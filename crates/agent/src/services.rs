@@ -103,6 +103,17 @@ pub fn objects_digest<'a>(
     (digest(services.into_iter().chain(slices)) & ((1 << 53) - 1)) as i64
 }
 
+/// [`objects_digest`] of what the store holds now: what an agent that has caught up reports.
+pub async fn stored_objects_digest(store: &impl Store) -> weft_store::Result<i64> {
+    // Lists come sorted by key (the Store contract), as the mirrors iterate.
+    let (s, _) = store.list(SERVICES_PREFIX).await?;
+    let (e, _) = store.list(SLICES_PREFIX).await?;
+    Ok(objects_digest(
+        s.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)),
+        e.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)),
+    ))
+}
+
 type HealthState = Arc<Mutex<BTreeMap<u16, (String, usize)>>>;
 
 /// One listener per healthCheckNodePort: 200 with the local endpoint count while this node has
@@ -326,20 +337,14 @@ pub async fn run<S: Store>(
 
 #[cfg(test)]
 mod tests {
-    use super::{objects_digest, SERVICES_PREFIX, SLICES_PREFIX};
+    use super::{objects_digest, stored_objects_digest, SERVICES_PREFIX, SLICES_PREFIX};
     use crate::daemon::{mirror, Mirror};
     use std::sync::Arc;
     use std::time::Duration;
     use weft_store::Store;
 
-    /// What weftctl computes: from a list of each prefix.
     async fn listed(store: &impl Store) -> i64 {
-        let (s, _) = store.list(SERVICES_PREFIX).await.unwrap();
-        let (e, _) = store.list(SLICES_PREFIX).await.unwrap();
-        objects_digest(
-            s.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)),
-            e.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)),
-        )
+        stored_objects_digest(store).await.unwrap()
     }
 
     #[test]

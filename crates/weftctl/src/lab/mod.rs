@@ -1036,11 +1036,10 @@ fn wait_subnet(node: &NodeState) -> Result<()> {
 /// Where each node's agent serves /healthz, /readyz and /metrics, inside the node's namespace.
 const AGENT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9967);
 
-/// One value from a node's agent's /metrics (None: no agent answering within `timeout`, or no
+/// One value from the /metrics of the agent in `ns`, a node's namespace (None: no agent answering within `timeout`, or no
 /// such metric).
-fn agent_metric(node: &NodeState, name: &str, timeout: Duration) -> Option<String> {
+fn agent_metric(ns: &Netns, name: &str, timeout: Duration) -> Option<String> {
     let timeout = timeout.max(Duration::from_millis(10));
-    let ns = Netns::open(NamedNetns::path(&node.netns)).ok()?;
     let mut stream = ns
         .run(|| TcpStream::connect_timeout(&AGENT_LISTEN, timeout))
         .ok()?

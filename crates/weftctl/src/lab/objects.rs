@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use weft_agent::services::{objects_digest, SERVICES_PREFIX, SLICES_PREFIX};
+use weft_agent::services::{stored_objects_digest, SERVICES_PREFIX, SLICES_PREFIX};
 use weft_net::{NamedNetns, Netns};
-use weft_store::{AnyStore, Revision, Store};
+use weft_store::{AnyStore, Store};
 
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const CONTROLLER: &str = "weftctl-lab";
@@ -57,23 +57,9 @@ impl Session {
     /// What an agent that has programmed the store's Services and EndpointSlices as they are
     /// now reports as `weft_service_objects_digest`.
     pub fn objects_digest(&self) -> Result<i64> {
-        let keys = |prefix: &str| -> Result<Vec<(String, Revision)>> {
-            let (kvs, _) = self
-                .rt
-                .block_on(self.store.list(prefix))
-                .map_err(|e| format!("listing {prefix}: {e}"))?;
-            let mut keys: Vec<_> = kvs
-                .into_iter()
-                .map(|kv| (kv.key, kv.mod_revision))
-                .collect();
-            keys.sort();
-            Ok(keys)
-        };
-        let (services, slices) = (keys(SERVICES_PREFIX)?, keys(SLICES_PREFIX)?);
-        Ok(objects_digest(
-            services.iter().map(|(k, r)| (k.as_str(), *r)),
-            slices.iter().map(|(k, r)| (k.as_str(), *r)),
-        ))
+        self.rt
+            .block_on(stored_objects_digest(&self.store))
+            .map_err(|e| format!("listing the Services and EndpointSlices: {e}"))
     }
 }
 
@@ -461,24 +447,32 @@ impl super::Lab {
     /// what its table was last programmed from as a digest (services.md). At most 10 s.
     pub(super) fn await_programmed(&self, s: &LabState) -> Result<()> {
         const METRIC: &str = "weft_service_objects_digest";
+        // The lab's own agents (a pid reused by another process is not waited for), each
+        // node's namespace opened once.
+        let agents: Vec<(&str, Netns)> = s
+            .nodes
+            .iter()
+            .filter(|n| n.agent_pid.is_some_and(|p| self.owns(p)))
+            .map(|n| {
+                let ns = Netns::open(NamedNetns::path(&n.netns)).map_err(|e| e.to_string())?;
+                Ok((n.name.as_str(), ns))
+            })
+            .collect::<Result<_>>()?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        session(s, |db| loop {
             // Read again each time: another writer may have moved the store on since.
-            let want = session(s, |db| db.objects_digest())?.to_string();
-            let behind: Vec<String> = s
-                .nodes
+            let want = db.objects_digest()?.to_string();
+            let behind: Vec<String> = agents
                 .iter()
-                // (The lab's own agent: a pid reused by another process is not waited for.)
-                .filter(|n| n.agent_pid.is_some_and(|p| self.owns(p)))
-                .filter_map(|n| {
+                .filter_map(|(name, ns)| {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match super::agent_metric(n, METRIC, left.min(Duration::from_secs(1))) {
+                    match super::agent_metric(ns, METRIC, left.min(Duration::from_secs(1))) {
                         Some(got) if got == want => None,
                         // The gauge's start: no Services sync yet (the agent is still leasing
                         // its subnet, say, or cannot reach the store).
-                        Some(got) if got == "0" => Some(format!("{} (not synced yet)", n.name)),
-                        Some(got) => Some(format!("{} (at {got})", n.name)),
-                        None => Some(format!("{} (no answer)", n.name)),
+                        Some(got) if got == "0" => Some(format!("{name} (not synced yet)")),
+                        Some(got) => Some(format!("{name} (at {got})")),
+                        None => Some(format!("{name} (no answer)")),
                     }
                 })
                 .collect();
@@ -493,7 +487,7 @@ impl super::Lab {
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// `apply -f` (or `delete -f` with `delete`).
