@@ -182,22 +182,9 @@ fn jumbo_underlay_vxlan() {
         .status
         .success()
     };
-    let ping = |size: &str| {
-        let peer = pod_ip(&lab, "n2p1").to_string();
-        lab.run(&[
-            "exec", "n1p1", "--", "ping", "-n", "-q", "-M", "do", "-c", "1", "-W", "3", "-s", size,
-            &peer,
-        ])
-    };
     // 8950 − 20 (IP) − 8 (ICMP): the largest that fits; one more is refused at the pod.
-    let fits = ping("8922");
-    assert!(
-        fits.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fits.stdout)
-    );
-    let too_big = ping("8923");
-    assert!(!too_big.status.success());
+    assert!(ping_between("n1p1", "n2p1", "8922"));
+    assert!(!ping_between("n1p1", "n2p1", "8923"));
     let matrix = lab.ok(&["check"]);
     assert!(matrix.contains("4 passed, 0 failed"), "{matrix}");
 
@@ -262,8 +249,7 @@ fn jumbo_underlay_vxlan() {
     );
     assert_eq!(mtus("pinned", "node1"), ("4000".into(), "4000".into()));
     let logged = |want: &str| {
-        let log =
-            std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+        let log = lab.log("node1");
         assert!(log.contains(want), "node1's log lacks {want:?}:\n{log}");
     };
     logged("moved 1 pods from MTU 8950 to the node's new 1450");
@@ -337,7 +323,7 @@ fn host_gw_names_peers_it_cannot_reach() {
     // node1 and node2 sit on different underlay subnets: no route is made (no black hole) and
     // the agent says why.
     // (node1's agent learns of node2 through its watch, so give it a moment.)
-    let log_path = lab.state_dir.join(&lab.name).join("node1/weftd.log");
+    let log_path = lab.log_path("node1");
     let names_it = || {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         log.contains("node2") && log.contains("not on the underlay subnet")
@@ -459,7 +445,7 @@ fn node_leave_and_lease_expiry() {
     let (ok, shown) = network("show");
     assert!(!ok && shown.contains("no /weft/config/network"), "{shown}");
     lab.ok(&["node", "restart", "node1"]);
-    let log1 = lab.state_dir.join(&lab.name).join("node1/weftd.log");
+    let log1 = lab.log_path("node1");
     wait_for(
         "node1's agent to refuse its defaults",
         Duration::from_secs(10),
@@ -530,7 +516,7 @@ fn node_leave_and_lease_expiry() {
             .unwrap();
         assert!(db.get(&record2).await.unwrap().is_none(), "gone with it");
     });
-    let log2 = lab.state_dir.join(&lab.name).join("node2/weftd.log");
+    let log2 = lab.log_path("node2");
     wait_for(
         "node2 to lease its subnet again on its own settings",
         Duration::from_secs(15),
@@ -560,8 +546,7 @@ fn node_leave_and_lease_expiry() {
                     .contains("proto 202")
         },
     );
-    let log =
-        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+    let log = lab.log("node1");
     assert!(log.contains("was gone; put it back"), "{log}");
 
     // A live agent, asked to leave.
@@ -977,8 +962,7 @@ fn etcd_outage_keeps_the_datapath_and_the_agents_catch_up() {
     }
     assert!(stream(), "the stream outlived the outage");
     // The survivors' leases outlived it too (etcd renews leases when it starts again).
-    let log =
-        std::fs::read_to_string(lab.state_dir.join(&lab.name).join("node1/weftd.log")).unwrap();
+    let log = lab.log("node1");
     assert!(
         !log.contains("the store lost lease") && !log.contains("this node's subnet changed"),
         "{log}"

@@ -146,14 +146,14 @@ fn services_end_to_end() {
     // failed now and then would hide behind them. (Without the wait, node1 had not programmed
     // the second Service when the check's first probe of it came.)
     lab.ok(&["apply", "-f", manifest]);
+    let mut check = String::new();
     for _ in 0..2 {
-        let check = lab.ok(&["check"]);
+        check = lab.ok(&["check"]);
         assert!(
             check.contains(" 0 failed") && !check.contains("after retries"),
             "{check}"
         );
     }
-    let check = lab.ok(&["check"]);
     assert!(check.contains("default/web/tcp/80: 12/12 ok"), "{check}");
     assert!(
         check.contains("default/nobody/tcp/80: 12/12 ok, answered by refused×12"),
@@ -445,9 +445,7 @@ fn services_end_to_end() {
     );
     let fine = SocketAddr::from(([10, 96, 1, 20], 80));
     served_everywhere(&lab, fine);
-    let log = |node: &str| {
-        std::fs::read_to_string(lab.state_dir.join(&lab.name).join(node).join("weftd.log")).unwrap()
-    };
+    let log = |node: &str| lab.log(node);
     for want in [
         "default/bad-ip: spec.clusterIP \"10.96.0.999\" is not an IP address",
         "default/dup: spec.ports[1]: duplicate port 80/TCP (also spec.ports[0])",

@@ -66,14 +66,20 @@ impl Lab {
     }
 
     /// The agents' logs, for failure messages.
+    /// Where a node's agent logs.
+    pub fn log_path(&self, node: &str) -> PathBuf {
+        self.state_dir.join(&self.name).join(node).join("weftd.log")
+    }
+
+    /// A node's agent's log so far.
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.log_path(node)).unwrap()
+    }
+
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for i in 1..=4 {
-            let p = self
-                .state_dir
-                .join(&self.name)
-                .join(format!("node{i}/weftd.log"));
-            if let Ok(t) = std::fs::read_to_string(&p) {
+            if let Ok(t) = std::fs::read_to_string(self.log_path(&format!("node{i}"))) {
                 s.push_str(&format!("--- node{i} weftd.log\n{t}"));
             }
         }
