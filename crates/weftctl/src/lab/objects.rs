@@ -91,8 +91,8 @@ pub struct Manifest {
 
 fn key_for(kind: &str, namespace: &str, name: &str) -> Option<String> {
     Some(match kind {
-        "Service" => format!("/registry/services/specs/{namespace}/{name}"),
-        "EndpointSlice" => format!("/registry/endpointslices/{namespace}/{name}"),
+        "Service" => format!("{SERVICES_PREFIX}{namespace}/{name}"),
+        "EndpointSlice" => format!("{SLICES_PREFIX}{namespace}/{name}"),
         "Pod" => format!("/registry/pods/{namespace}/{name}"),
         "Namespace" => format!("/registry/namespaces/{name}"),
         _ => return None,
@@ -373,7 +373,7 @@ pub fn desired_slices(
                 .map(|(n, proto, port)| json!({"name": n, "protocol": proto, "port": port}))
                 .collect();
             out.insert(
-                format!("/registry/endpointslices/{ns}/{slice_name}"),
+                format!("{SLICES_PREFIX}{ns}/{slice_name}"),
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                        "metadata": {"name": slice_name, "namespace": ns,
                                     "labels": {"kubernetes.io/service-name": name, MANAGED_BY: CONTROLLER}},
