@@ -298,8 +298,9 @@ impl Flags {
             vni: self.vxlan_vni.unwrap_or(default.vni),
             port: self.vxlan_port.unwrap_or(default.port),
         };
-        if let Some(e) = vxlan.problems().into_iter().next() {
-            return Err(e);
+        let problems = vxlan.problems();
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
         }
         let (vxlan_vni, vxlan_port) = (vxlan.vni, vxlan.port);
         Ok(Config {
